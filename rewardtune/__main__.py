@@ -1,0 +1,5 @@
+import sys
+
+from rewardtune.cli import main
+
+sys.exit(main())

@@ -1,0 +1,123 @@
+"""Sampling trajectories from a Stable Diffusion pipeline with per-step log-probabilities.
+
+Data path: prompts -> :func:`encode_prompts` -> :func:`sample_trajectories` (latents and per-step log-probs under
+the sampling model) -> :func:`decode_latents` -> images ``[B,3,H,W]`` in [0,1]. Every part of rewardtune samples
+through here; noise comes from one generator per sample, so an image depends only on its own seed, never on the
+batch it was drawn in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from rewardtune.diffusion.logprob import ddim_step_with_logprob
+
+
+@dataclass
+class Trajectory:
+    """A batch of B denoising trajectories over T steps.
+
+    latents: ``[B,T+1,C,h,w]``, ``x_T`` first and ``x_0`` last.
+    log_probs: ``[B,T]``, ``log p(x_{t-1} | x_t, c)`` under the sampling model (NaN when ``eta == 0``).
+    timesteps: ``[T]``, the scheduler timesteps in sampling order.
+    """
+
+    latents: torch.Tensor
+    log_probs: torch.Tensor
+    timesteps: torch.Tensor
+
+    @property
+    def final(self) -> torch.Tensor:
+        """``x_0`` latents, ``[B,C,h,w]``."""
+        return self.latents[:, -1]
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
+    """Text-encoder states ``[B,L,D]`` of ``prompts``, padded to the tokenizer's max length (as SD does)."""
+    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt")
+    device = pipe.text_encoder.device
+    return pipe.text_encoder(tok.input_ids.to(device))[0]
+
+
+def generators_for(seeds: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
+    """One seeded generator per sample."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def latent_shape(pipe, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
+    """``(B, C, h, w)`` of the initial noise for images of ``height x width`` (the UNet's native size by default)."""
+    factor = pipe.vae_scale_factor
+    height = height or pipe.unet.config.sample_size * factor
+    width = width or pipe.unet.config.sample_size * factor
+    if height % factor or width % factor:
+        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
+    return (batch, pipe.unet.config.in_channels, height // factor, width // factor)
+
+
+def predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                  negative_embeds: torch.Tensor | None, guidance: float) -> torch.Tensor:
+    """UNet output with classifier-free guidance in one batched pass. ``latents [B,C,h,w]`` -> ``[B,C,h,w]``."""
+    if negative_embeds is None or guidance == 1.0:
+        return unet(latents, t, encoder_hidden_states=prompt_embeds).sample
+    both = unet(torch.cat([latents, latents]), torch.cat([t, t]) if t.ndim else t,
+                encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
+    uncond, cond = both.chunk(2)
+    return uncond + guidance * (cond - uncond)
+
+
+@torch.no_grad()
+def sample_trajectories(
+    pipe,
+    prompt_embeds: torch.Tensor,
+    negative_embeds: torch.Tensor | None,
+    generators: list[torch.Generator],
+    steps: int = 20,
+    guidance: float = 5.0,
+    eta: float = 1.0,
+    height: int | None = None,
+    width: int | None = None,
+    progress=None,
+) -> Trajectory:
+    """Sample B trajectories with DDIM (``eta``) and classifier-free guidance.
+
+    Args:
+        pipe: a Stable Diffusion pipeline whose scheduler is a ``DDIMScheduler``.
+        prompt_embeds: ``[B,L,D]`` from :func:`encode_prompts`; ``negative_embeds`` likewise (or None: no CFG).
+        generators: one per sample (see :func:`generators_for`); they draw x_T and every step's noise.
+        progress: optional callable invoked once per denoising step (e.g. a progress bar's ``update``).
+    """
+    batch = prompt_embeds.shape[0]
+    if len(generators) != batch:
+        raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {batch}")
+    scheduler = pipe.scheduler
+    scheduler.set_timesteps(steps, device=prompt_embeds.device)
+    unet_dtype = pipe.unet.dtype
+    latents = randn_tensor(latent_shape(pipe, batch, height, width), generator=generators,
+                           device=prompt_embeds.device, dtype=torch.float32) * scheduler.init_noise_sigma
+    all_latents, log_probs = [latents], []
+    for t in scheduler.timesteps:
+        t_batch = t.expand(batch)
+        model_in = scheduler.scale_model_input(latents, t).to(unet_dtype)
+        noise_pred = predict_noise(pipe.unet, model_in, t_batch, prompt_embeds.to(unet_dtype),
+                                   None if negative_embeds is None else negative_embeds.to(unet_dtype), guidance)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t_batch, latents, eta=eta,
+                                                   generator=generators)
+        latents = latents.float()
+        all_latents.append(latents)
+        log_probs.append(log_prob)
+        if progress is not None:
+            progress()
+    return Trajectory(latents=torch.stack(all_latents, 1), log_probs=torch.stack(log_probs, 1),
+                      timesteps=scheduler.timesteps.clone())
+
+
+def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
+    """VAE-decode ``[B,C,h,w]`` latents to images ``[B,3,H,W]`` in [0,1] (differentiable)."""
+    vae = pipe.vae
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return (images.float() / 2 + 0.5).clamp(0, 1)

@@ -88,10 +88,8 @@ def from_dict(schema: type[C], data: dict[str, Any], prefix: str = "") -> C:
     kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
     try:
         return schema(**kwargs)
-    except ConfigError as exc:
-        if prefix and not str(exc).startswith(prefix):
-            raise ConfigError(f"{prefix}{exc}") from None
-        raise
+    except _ValueRuleError as exc:
+        raise _ValueRuleError(prefix + exc.key, exc.expected, exc.value) from None
 
 
 def _describe(tp: Any) -> str:
@@ -151,6 +149,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise bad
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
         return float(value)
@@ -182,7 +185,15 @@ def save_config(cfg: Any, path: str | Path) -> Path:
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+class _ValueRuleError(ConfigError):
+    """A value that breaks a rule of its schema; nested sections prefix the key on the way out."""
+
+    def __init__(self, key: str, expected: str, value: Any) -> None:
+        self.key, self.expected, self.value = key, expected, value
+        super().__init__(f"config key {key!r} must be {expected}, got {value!r}")
+
+
 def require(condition: bool, key: str, expected: str, value: Any) -> None:
     """Raise ``ConfigError`` naming ``key`` unless ``condition`` holds (for ``__post_init__`` checks)."""
     if not condition:
-        raise ConfigError(f"config key {key!r} must be {expected}, got {value!r}")
+        raise _ValueRuleError(key, expected, value)

@@ -21,6 +21,7 @@ MODELS.register("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")
 MODELS.register("sd21", "stabilityai/stable-diffusion-2-1")
 MODELS.register("sd21-base", "stabilityai/stable-diffusion-2-1-base")
 
+_DTYPE_KWARG: str | None = None
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -35,6 +36,14 @@ def resolve_model(model: str) -> str:
         return model
     raise UserError(f"unknown model {model!r}; choose one of: {', '.join(MODELS.names())}, "
                     "or pass a local pipeline folder or a hub id such as CompVis/stable-diffusion-v1-4")
+
+
+def _dtype_kwarg() -> str:
+    """diffusers renamed ``from_pretrained(torch_dtype=)`` to ``dtype=`` (PR #14205, 2026); older versions need the
+    old name. The rename shipped together with its deprecation message, whose presence is the feature test."""
+    from diffusers.utils import deprecation_utils
+
+    return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
 def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -54,6 +63,8 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+    global _DTYPE_KWARG
+    _DTYPE_KWARG = _DTYPE_KWARG or _dtype_kwarg()
     source = resolve_model(model)
     local = Path(source).exists()
     if local and not (Path(source) / "model_index.json").is_file():
@@ -61,7 +72,7 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
                                  "pass a folder written by save_pretrained")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, torch_dtype=to_dtype(dtype), safety_checker=None, requires_safety_checker=False)
+            source, **{_DTYPE_KWARG: to_dtype(dtype)}, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as exc:
         if local:
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None

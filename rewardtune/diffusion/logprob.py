@@ -44,7 +44,7 @@ def ddim_step_with_logprob(
         generator: a generator or one per sample (a list), for reproducible noise.
 
     Returns:
-        ``(prev_sample [B,C,h,w], log_prob [B])``. ``log_prob`` is computed in float32; it is NaN for a
+        ``(prev_sample [B,C,h,w], log_prob [B])``. ``log_prob`` is computed in at least float32; it is NaN for a
         deterministic step (``eta == 0``), where the density is undefined.
     """
     if scheduler.num_inference_steps is None:
@@ -56,10 +56,11 @@ def ddim_step_with_logprob(
         raise ValueError(f"timestep must be a scalar or of shape [{batch}], got {tuple(t.shape)}")
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
-    x_t, eps_or_x0 = sample.float(), model_output.float()
-    alphas = scheduler.alphas_cumprod.float()
+    dtype = torch.promote_types(sample.dtype, torch.float32)  # at least float32, float64 stays float64
+    x_t, eps_or_x0 = sample.to(dtype), model_output.to(dtype)
+    alphas = scheduler.alphas_cumprod.to(dtype)
     alpha_t = _gather(alphas, t, x_t.ndim)
-    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=x_t.device)
+    final = torch.as_tensor(float(scheduler.final_alpha_cumprod), device=x_t.device, dtype=dtype)
     has_prev = (prev_t >= 0).reshape((batch,) + (1,) * (x_t.ndim - 1))
     alpha_prev = torch.where(has_prev, _gather(alphas, prev_t, x_t.ndim), final)
     beta_t = 1 - alpha_t
@@ -88,7 +89,7 @@ def ddim_step_with_logprob(
     if prev_sample is None:
         noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         prev_sample = mean + std * noise
-    target = prev_sample.detach().float()
+    target = prev_sample.detach().to(dtype)
     log_prob = -((target - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     if eta == 0:

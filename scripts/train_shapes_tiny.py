@@ -6,6 +6,7 @@ Stages (each resumable by re-running; outputs under ``--work``, default ``build/
     python scripts/train_shapes_tiny.py vae       # tiny AutoencoderKL, 32x32x3 <-> 8x8x4
     python scripts/train_shapes_tiny.py unet      # tiny UNet2DConditionModel on VAE latents, CLIP text states
     python scripts/train_shapes_tiny.py assemble  # write rewardtune/assets/shapes-tiny and shapes-clip
+    python scripts/train_shapes_tiny.py report    # curves -> docs/figures, per-stage quality -> BENCHMARKS.md
 
 Each stage writes ``<stage>_log.jsonl`` (its loss curve) and ``<stage>_curve.png`` into the work folder.
 The quality evaluation is ``scripts/eval_shapes_tiny.py``.
@@ -85,20 +86,24 @@ def train_clip(work: Path, steps: int, batch: int, seed: int) -> None:
     plot_curves(work / "clip_log.jsonl", ["loss", "match_acc"], work / "clip_curve.png", title="tiny CLIP")
 
 
-def train_vae(work: Path, steps: int, batch: int, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    data = ShapesData.generate(40_000, seed=seed + 1)
+def train_vae(work: Path, steps: int, batch: int, seed: int, resume: bool = False) -> None:
+    """Reconstruction (MSE + L1) with a small KL; ``resume`` continues from ``work/vae`` at a lower rate."""
+    from diffusers import AutoencoderKL
+
+    rng = np.random.default_rng(seed + 100 * resume)
+    data = ShapesData.generate(40_000, seed=seed + 1 + 100 * resume)
     torch.manual_seed(seed)
-    vae = tiny_models.vae_model()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae = AutoencoderKL.from_pretrained(work / "vae") if resume else tiny_models.vae_model()
+    base_lr = 4e-4 if resume else 1e-3
+    opt = torch.optim.AdamW(vae.parameters(), lr=base_lr, weight_decay=0.0)
     t0 = time.time()
-    with open(work / "vae_log.jsonl", "w") as fh:
+    with open(work / "vae_log.jsonl", "a" if resume else "w") as fh:
         for step in range(steps):
-            _cosine_lr(opt, step, steps, 1e-3)
+            _cosine_lr(opt, step, steps, base_lr)
             x = data.images[rng.integers(len(data.scenes), size=batch)] * 2 - 1
             posterior = vae.encode(x).latent_dist
             recon = vae.decode(posterior.sample()).sample
-            rec = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x)
+            rec = F.mse_loss(recon, x) + F.l1_loss(recon, x)
             kl = posterior.kl().mean() / x[0].numel()
             loss = rec + 1e-4 * kl
             opt.zero_grad(set_to_none=True)
@@ -191,23 +196,106 @@ def assemble(work: Path) -> None:
     log.info("wrote %s and %s", ASSETS / "shapes-tiny", ASSETS / "shapes-clip")
 
 
+@torch.no_grad()
+def clip_zero_shot(clip_dir: Path, n: int = 1000) -> dict[str, float]:
+    """Zero-shot accuracy of the tiny CLIP on held-out renders: pick colour+shape among the 18 "a <c> <s>" prompts,
+    and the full caption among 200 held-out captions."""
+    from transformers import CLIPModel, CLIPTokenizer
+
+    from rewardtune.prompts import read_prompts
+    from rewardtune.shapes.captions import parse_prompt
+    from rewardtune.shapes.world import COLORS, SHAPES
+
+    model, tok = CLIPModel.from_pretrained(clip_dir).eval(), CLIPTokenizer.from_pretrained(clip_dir)
+    data = ShapesData.generate(n, seed=999, split="heldout")
+
+    def text_features(texts):
+        ids = tok(texts, padding="max_length", max_length=tiny_models.MAX_TOKENS, truncation=True,
+                  return_tensors="pt").input_ids
+        return F.normalize(model.get_text_features(input_ids=ids), dim=-1)
+
+    image = F.normalize(model.get_image_features(pixel_values=(data.images - 0.5) / 0.5), dim=-1)
+    pairs = [(c, s) for c in COLORS for s in SHAPES]
+    pick = (image @ text_features([f"a {c} {s}" for c, s in pairs]).T).argmax(1)
+    pair_acc = np.mean([pairs[i] == (sc.color, sc.shape) for i, sc in zip(pick.tolist(), data.scenes)])
+    captions = read_prompts(ASSETS / "prompts" / "shapes_heldout.txt")
+    truth = [tuple(parse_prompt(c)[k] for k in ("color", "shape", "size", "position", "background"))
+             for c in captions]
+    pick = (image @ text_features(captions).T).argmax(1)
+    hits = [truth[i] == sc.combo() for i, sc in zip(pick.tolist(), data.scenes)]
+    covered = [sc.combo() in set(truth) for sc in data.scenes]
+    full_acc = float(np.sum(hits) / max(1, np.sum(covered)))
+    return {"color+shape of 18": float(pair_acc), "full caption of 200 (images whose caption is listed)": full_acc}
+
+
+@torch.no_grad()
+def vae_readback(vae_dir: Path, n: int = 1000) -> dict[str, float]:
+    """Oracle read-back accuracy on VAE reconstructions of held-out renders (the ceiling for generation)."""
+    from diffusers import AutoencoderKL
+
+    from rewardtune.shapes.oracle import read_images
+
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    data = ShapesData.generate(n, seed=998, split="heldout")
+    recon = (vae.decode(vae.encode(data.images * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+    reading = read_images(recon)
+    out = {k: float(np.mean([getattr(reading, k)[i] == getattr(s, k) for i, s in enumerate(data.scenes)]))
+           for k in ("color", "shape", "size", "position", "background")}
+    out["mse"] = float(F.mse_loss(recon, data.images))
+    return out
+
+
+def report(work: Path) -> None:
+    """Training curves to docs/figures/ and the per-stage quality table to BENCHMARKS.md."""
+    import shutil
+
+    from rewardtune.utils.benchmarks import command_line, header, update_section
+
+    figures = Path(__file__).resolve().parents[1] / "docs" / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for stage in ("clip", "vae", "unet"):
+        records = [json.loads(x) for x in (work / f"{stage}_log.jsonl").read_text().splitlines() if x.strip()]
+        shutil.copy(work / f"{stage}_curve.png", figures / f"shapes_{stage}_curve.png")
+        last = records[-1]
+        first = records[0]
+        lines.append(f"| {stage} | {last['step'] + 1} | {first['loss']:.4f} -> {last['loss']:.4f} | "
+                     f"{last['seconds'] / 60:.1f} min |")
+    clip = clip_zero_shot(work / "clip")
+    vae = vae_readback(work / "vae")
+    text = header(command_line()) + (
+        "| stage | steps (last run) | loss first -> last | wall time (last run) |\n|---|---|---|---|\n"
+        + "\n".join(lines) + "\n\n"
+        + "Curves: `docs/figures/shapes_{clip,vae,unet}_curve.png`.\n\n"
+        + "Tiny CLIP zero-shot on 1,000 held-out renders: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in clip.items()) + ".\n\n"
+        + "VAE: oracle read-back of reconstructions of 1,000 held-out renders (ceiling for generation): "
+        + ", ".join(f"{k} {v:.3f}" for k, v in vae.items()) + ".\n")
+    print(text)
+    update_section("shapes-training", text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=["clip", "vae", "unet", "assemble"])
+    parser.add_argument("stage", choices=["clip", "vae", "unet", "assemble", "report"])
     parser.add_argument("--work", type=Path, default=Path("build/shapes"))
     parser.add_argument("--steps", type=int, default=None, help="training steps (stage default if omitted)")
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resume", action="store_true", help="vae: continue training from WORK/vae")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     defaults = {"clip": (2500, 128), "vae": (2000, 32), "unet": (7000, 64)}
-    if args.stage == "assemble":
-        assemble(args.work)
+    if args.stage in ("assemble", "report"):
+        {"assemble": assemble, "report": report}[args.stage](args.work)
         return
     steps, batch = defaults[args.stage]
-    trainer = {"clip": train_clip, "vae": train_vae, "unet": train_unet}[args.stage]
+    if args.stage == "vae":
+        train_vae(args.work, args.steps or steps, args.batch or batch, args.seed, resume=args.resume)
+        return
+    trainer = {"clip": train_clip, "unet": train_unet}[args.stage]
     trainer(args.work, args.steps or steps, args.batch or batch, args.seed)
 
 

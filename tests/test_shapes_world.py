@@ -70,15 +70,28 @@ def test_fidelity_counts_the_named_attributes():
     assert fidelity == pytest.approx([1.0, 0.5, 0.0, 0.75])  # last: colour, shape, size right; position wrong
 
 
-def test_taste_prefers_crisp_clean_contrasting_images():
-    base = dict(color="yellow", shape="circle", size="large", position="middle center")
-    good = Scene(**base, background="black", softness=0.3, noise=0.0)
-    blurry = Scene(**base, background="black", softness=2.0, noise=0.0)
-    noisy = Scene(**base, background="black", softness=0.3, noise=0.07)
-    dull = Scene(**base, background="cream", softness=0.3, noise=0.0)
-    taste = gold_scores(images_from_uint8(render([good, blurry, noisy, dull])), ["a yellow circle"] * 4)["taste"]
+def test_taste_prefers_crisp_bold_contrasting_images():
+    base = dict(color="yellow", shape="circle", position="middle center")
+    good = Scene(**base, size="large", background="black", softness=0.3)
+    blurry = Scene(**base, size="large", background="black", softness=2.0)
+    small = Scene(**base, size="small", background="black", softness=0.3)
+    dull = Scene(**base, size="large", background="cream", softness=0.3)
+    taste = gold_scores(images_from_uint8(render([good, blurry, small, dull])), ["a yellow circle"] * 4)["taste"]
     assert taste[0] > taste[1] and taste[0] > taste[2] and taste[0] > taste[3]
     assert ((taste >= 0) & (taste <= 1)).all()
+
+
+def test_taste_components_by_hand():
+    """Black background, yellow (235,215,30) object: luma gap = 0.299*213+0.587*193+0.114*8 over 255 = 0.698."""
+    scene = Scene("yellow", "square", "large", "middle center", "black", softness=0.3)
+    reading = read_images(images_from_uint8(render([scene])))
+    assert reading.contrast.item() == pytest.approx(1.0)  # min(0.698 / 0.45, 1)
+    assert reading.presence.item() == pytest.approx(1.0, abs=0.02)  # half extent 9 px >= 8
+    gray = Scene("yellow", "square", "small", "middle center", "gray", softness=0.3)
+    reading = read_images(images_from_uint8(render([gray])))
+    gap = abs(0.299 * (235 - 125) + 0.587 * (215 - 125) + 0.114 * (30 - 125)) / 255
+    assert reading.contrast.item() == pytest.approx(gap / 0.45, abs=0.03)
+    assert reading.presence.item() == pytest.approx(4.5 / 8, abs=0.06)
 
 
 def test_gold_scores_reject_mismatched_prompts():

@@ -17,8 +17,11 @@ Gold scores, never used for training:
   - *contrast*: luminance difference between object and background, ``min(|dL| / 0.45, 1)``;
   - *crispness*: clean edges, ``clip(1 - (edge_ratio - 1.1) / 1.6, 0, 1)`` where ``edge_ratio`` is the number
     of half-covered pixels (``0.2 < alpha < 0.8``) per pixel of mask perimeter (~1 crisp, ~3 blurry);
-  - *cleanliness*: no grain, ``clip(1 - noise / 0.06, 0, 1)`` with ``noise`` the median absolute deviation
-    (x1.4826) of background pixels, averaged over channels.
+  - *presence*: a bold subject, ``min(extent / 8, 1)`` with ``extent`` the object's half width in pixels (small
+    objects ~0.56, medium ~0.81, large 1). It pulls against prompts that ask for small objects, the way human
+    taste can pull against prompt fidelity.
+
+  Grain is not part of taste: the VAE of ``shapes-tiny`` cannot reproduce it, so it would not vary in samples.
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ class Reading:
     background: list[str]
     contrast: torch.Tensor  # [B] luminance contrast score in [0,1]
     crispness: torch.Tensor  # [B]
-    cleanliness: torch.Tensor  # [B]
+    presence: torch.Tensor  # [B]
 
     def attributes(self, i: int) -> dict[str, str | None]:
         return {k: getattr(self, k)[i] for k in ("color", "shape", "size", "position", "background")}
@@ -95,21 +98,19 @@ def read_images(images: torch.Tensor) -> Reading:
     hue_gap = (_hue(obj)[:, None] - _PALETTE_HUES[None]).abs()
     hue_gap = torch.minimum(hue_gap, 360 - hue_gap)
     colors = [list(COLORS)[i] for i in hue_gap.argmin(1).tolist()]
-    shapes, sizes, positions = _geometry(mask, (dist / level).clamp(0, 1))
+    shapes, sizes, positions, extent = _geometry(mask, (dist / level).clamp(0, 1))
     none_if_absent = lambda values: [v if ok else None for v, ok in zip(values, has_object.tolist())]  # noqa: E731
 
     luma_gap = ((obj - bg) * _LUMA).sum(1).abs()
     alpha = dist / level
     half_covered = ((alpha > 0.2) & (alpha < 0.8)).float().sum((1, 2))
     edge_ratio = half_covered / _perimeter(mask).clamp_min(1)
-    bg_pixels = (~F.max_pool2d(mask[:, None].float(), 5, 1, 2)[:, 0].bool())  # background far from the object
-    noise = _background_noise(x, bg_pixels)
     return Reading(
         color=none_if_absent(colors), shape=none_if_absent(shapes), size=none_if_absent(sizes),
         position=none_if_absent(positions), background=_background_names(bg),
         contrast=torch.where(has_object, (luma_gap / 0.45).clamp(0, 1), torch.zeros(b)),
         crispness=torch.where(has_object, (1 - (edge_ratio - 1.1) / 1.6).clamp(0, 1), torch.zeros(b)),
-        cleanliness=(1 - noise / 0.06).clamp(0, 1),
+        presence=torch.where(has_object, (extent / 8).clamp(0, 1), torch.zeros(b)),
     )
 
 
@@ -121,8 +122,8 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
     return F.conv2d(F.pad(x, (0, 0, 1, 1), mode="replicate"), k.view(1, 1, 3, 1).repeat(c, 1, 1, 1), groups=c)
 
 
-def _geometry(mask: torch.Tensor, alpha: torch.Tensor) -> tuple[list[str], list[str], list[str]]:
-    """Shape, size and position names from boolean masks and soft coverage ``alpha``, both ``[B,H,W]``.
+def _geometry(mask: torch.Tensor, alpha: torch.Tensor) -> tuple[list[str], list[str], list[str], torch.Tensor]:
+    """Shape, size and position names and the half extent ``[B]`` from masks and soft coverage ``[B,H,W]``.
 
     Soft measures resist pixel quantisation of small objects: width = sum over columns of the column's peak
     coverage, area = summed coverage near the mask, fill = area / (width * height).
@@ -155,6 +156,7 @@ def _geometry(mask: torch.Tensor, alpha: torch.Tensor) -> tuple[list[str], list[
         [SHAPES[i] for i in shape_idx.tolist()],
         [size_names[i] for i in size_idx.tolist()],
         [f"{row_names[r]} {col_names[c]}" for r, c in zip(row_idx.tolist(), col_idx.tolist())],
+        extent,
     )
 
 
@@ -163,20 +165,6 @@ def _perimeter(mask: torch.Tensor) -> torch.Tensor:
     m = mask.float()[:, None]
     eroded = -F.max_pool2d(-F.pad(m, (1, 1, 1, 1), value=1.0), 3, 1)  # 3x3 erosion (square)
     return (m - eroded).clamp_min(0).sum((1, 2, 3))
-
-
-def _background_noise(x: torch.Tensor, bg_pixels: torch.Tensor) -> torch.Tensor:
-    """Robust per-image noise std of background pixels. ``x [B,3,H,W]``, ``bg_pixels [B,H,W]`` -> ``[B]``."""
-    values = x.permute(0, 2, 3, 1)  # [B,H,W,3]
-    noise = []
-    for i in range(x.shape[0]):  # boolean selections differ per image; B is small and the work is tiny
-        v = values[i][bg_pixels[i]]
-        if v.shape[0] < 8:
-            noise.append(torch.tensor(0.0))
-            continue
-        mad = (v - v.median(0).values).abs().median(0).values * 1.4826
-        noise.append(mad.mean())
-    return torch.stack(noise)
 
 
 def _background_names(bg: torch.Tensor) -> list[str]:
@@ -205,7 +193,7 @@ def gold_scores(images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Ten
             continue
         fidelity.append(float(np.mean([seen[k] == v for k, v in asked.items()])))
     fid = torch.tensor(fidelity)
-    taste = (reading.contrast + reading.crispness + reading.cleanliness) / 3
+    taste = (reading.contrast + reading.crispness + reading.presence) / 3
     return {"fidelity": fid, "taste": taste, "gold": (fid + taste) / 2}
 
 

@@ -1,0 +1,78 @@
+"""Reward models behind one interface: ``load_reward(spec, **options)(images, prompts) -> Tensor[B]``.
+
+    reward = load_reward("shapes_gold")
+    reward = load_reward("pickscore:10,hpsv2:2,aesthetic:0.05", device="cuda")   # weighted sum
+    scores = reward(images, prompts)          # images [B,3,H,W] in [0,1]; reward.components for each part
+
+Factories are registered as ``"module:function"`` strings and imported on first use, so heavy libraries
+(open_clip, transformers models) load only when their reward is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Callable
+
+from rewardtune.errors import UserError
+from rewardtune.registry import Registry
+from rewardtune.rewards.base import Reward, check_inputs
+from rewardtune.rewards.combine import WeightedSum, parse_spec
+
+REWARDS: Registry[str] = Registry("reward")
+for _name, _target in {
+    "jpeg_compressibility": "rewardtune.rewards.jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "rewardtune.rewards.jpeg:jpeg_incompressibility",
+    "shapes_gold": "rewardtune.rewards.shapes:load_shapes_gold",
+    "shapes_alignment": "rewardtune.rewards.shapes:load_shapes_alignment",
+    "shapes_preference": "rewardtune.rewards.shapes:load_shapes_preference",
+    "hpsv2": "rewardtune.rewards.hpsv2:load_hpsv2",
+    "hpsv2.1": "rewardtune.rewards.hpsv2:load_hpsv21",
+    "clipscore": "rewardtune.rewards.clipscore:load_clipscore",
+    "pickscore": "rewardtune.rewards.pickscore:load_pickscore",
+    "aesthetic": "rewardtune.rewards.aesthetic:load_aesthetic",
+    "imagereward": "rewardtune.rewards.imagereward:load_imagereward",
+}.items():
+    REWARDS.register(_name, _target)
+
+
+def _factory(name: str) -> Callable[..., Reward]:
+    module, _, function = REWARDS.get(name).partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def _load_one(name: str, options: dict[str, Any]) -> Reward:
+    try:
+        reward = _factory(name)(**options)
+    except TypeError as exc:
+        if "unexpected keyword argument" in str(exc):
+            bad = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
+            raise UserError(f"reward {name!r} does not take option {bad!r}") from None
+        raise
+    reward.name = name
+    return reward
+
+
+def load_reward(spec: str, **options: Any) -> Reward:
+    """A registered reward by name, or a weighted sum ``"a:w1,b:w2"``.
+
+    For a sum, ``device`` and ``dtype`` apply to every component, and options for one component go in a dict
+    under its name: ``load_reward("pickscore:10,hpsv2:2", hpsv2={"checkpoint": path})``.
+    """
+    terms = parse_spec(spec)
+    if len(terms) == 1 and terms[0][1] == 1.0 and ":" not in spec:
+        return _load_one(terms[0][0], options)
+    shared = {k: options.pop(k) for k in ("device", "dtype") if k in options}
+    names = [n for n, _ in terms]
+    stray = sorted(set(options) - set(names))
+    if stray:
+        raise UserError(f"option {stray[0]!r} is not a component of {spec!r}; pass per-component options as "
+                        f"{names[0]}={{...}}")
+    parts = {n: _load_one(n, {**shared, **dict(options.get(n, {}))}) for n in names}
+    return WeightedSum(parts, dict(terms))
+
+
+def reward_names() -> list[str]:
+    return REWARDS.names()
+
+
+__all__ = ["Reward", "REWARDS", "WeightedSum", "check_inputs", "load_reward", "parse_spec", "reward_names"]

@@ -23,6 +23,8 @@ examples:
   rewardtune demo
   rewardtune sample --model shapes-tiny --prompt "a red circle" --num-images 8 --out samples/
   rewardtune sample --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --steps 50
+  rewardtune score --reward shapes_gold --images samples/ --prompts samples/manifest.csv
+  rewardtune score --reward "pickscore:10,hpsv2:2,aesthetic:0.05" --images "out/*.png" --prompt "a cat"
   rewardtune models
 
 Bad input exits with code 2 and a one-line message; --verbose shows library logs.
@@ -98,16 +100,61 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _add_score(sub) -> None:
+    p = sub.add_parser("score", help="score images with a reward model or a weighted sum",
+                       description="Score a folder or glob of images. --reward takes a registered name or a "
+                                   "weighted sum such as 'pickscore:10,hpsv2:2,aesthetic:0.05'.")
+    p.add_argument("--reward", required=True, help="reward name or weighted sum (see `rewardtune models`)")
+    p.add_argument("--images", required=True, help="folder or glob of image files")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="one prompt for every image")
+    src.add_argument("--prompts", metavar="FILE", help=".txt (one per image, sorted file order) or .csv/.jsonl "
+                     "with path,prompt")
+    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--out", default=None, help="write rows to FILE (.csv or .jsonl)")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(handler=_cmd_score)
+
+
+def _cmd_score(args) -> int:
+    from tqdm.auto import tqdm
+
+    from rewardtune.rewards import load_reward
+    from rewardtune.score import find_images, match_prompts, score_images, summarize, write_rows
+
+    if args.out and Path(args.out).suffix.lower() not in (".csv", ".jsonl"):
+        raise UserError(f"--out must end in .csv or .jsonl, got {args.out!r}")
+    paths = find_images(args.images)
+    prompts = match_prompts(paths, args.prompt, args.prompts, args.images)
+    reward = load_reward(args.reward, device=args.device, dtype=args.dtype).to(args.device).eval()
+    with tqdm(total=len(paths), desc="scoring", unit="img", disable=len(paths) < 64) as bar:
+        rows, skipped = score_images(reward, paths, prompts, args.batch_size, args.strict, progress=bar.update)
+    for message in skipped:
+        print(f"rewardtune: warning: skipped: {message}", file=sys.stderr)
+    if not rows:
+        raise UserError("no image could be read; nothing scored")
+    if args.out:
+        write_rows(rows, args.out)
+    print(summarize(rows))
+    return 0
+
+
 def _add_models(sub) -> None:
-    p = sub.add_parser("models", help="list registered model names")
+    p = sub.add_parser("models", help="list registered pipelines and rewards")
     p.set_defaults(handler=_cmd_models)
 
 
 def _cmd_models(args) -> int:
     from rewardtune.diffusion.loading import MODELS
+    from rewardtune.rewards import reward_names
 
+    print("pipelines (--model):")
     for name in MODELS.names():
-        print(f"{name:12s} {MODELS.get(name)}")
+        print(f"  {name:12s} {MODELS.get(name)}")
+    print("rewards (--reward, combine as name:weight,name:weight):")
+    print("  " + ", ".join(reward_names()))
     return 0
 
 
@@ -117,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rewardtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_sample, _add_models):
+    for add in (_add_demo, _add_sample, _add_score, _add_models):
         add(sub)
     return parser
 

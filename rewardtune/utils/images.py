@@ -40,29 +40,36 @@ def make_grid(images: torch.Tensor, ncol: int | None = None, min_tile: int = 96,
     return canvas
 
 
-def load_images(paths: list[str | Path], size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Read image files of any mode (L, LA, P, RGBA, I;16, ...) as RGB ``[N,3,H,W]`` in [0,1].
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
-    Transparent pixels are composited on white; 16-bit images are scaled by 1/65535. Images must share one size
-    unless ``size=(H, W)`` is given (then they are resized with bicubic filtering).
+
+def load_image(path: str | Path) -> torch.Tensor:
+    """Read one image file of any mode (L, LA, P, RGBA, I;16, ...) as RGB ``[3,H,W]`` in [0,1].
+
+    Transparent pixels are composited on white; 16-bit images are scaled by 1/65535.
+
+    Raises:
+        UserError: the file is missing, truncated or not an image.
     """
     from rewardtune.errors import UserError
 
-    tensors = []
-    for path in paths:
-        try:
-            with Image.open(path) as im:
-                im.load()
-                array = _as_rgb_array(im)
-        except (OSError, ValueError) as exc:
-            raise UserError(f"cannot read image {str(path)!r}: {exc}") from None
-        t = torch.from_numpy(array).permute(2, 0, 1)
-        if size is not None and tuple(t.shape[1:]) != tuple(size):
-            t = torch.nn.functional.interpolate(t[None], size=size, mode="bicubic", align_corners=False)[0]
-        tensors.append(t.clamp(0, 1))
+    try:
+        with Image.open(path) as im:
+            im.load()
+            array = _as_rgb_array(im)
+    except (OSError, ValueError, SyntaxError) as exc:
+        raise UserError(f"cannot read image {str(path)!r}: {exc}") from None
+    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp(0, 1)
+
+
+def load_images(paths: list[str | Path]) -> torch.Tensor:
+    """Stack same-sized image files into ``[N,3,H,W]`` in [0,1] (see :func:`load_image`)."""
+    from rewardtune.errors import UserError
+
+    tensors = [load_image(p) for p in paths]
     shapes = {tuple(t.shape) for t in tensors}
     if len(shapes) > 1:
-        raise UserError(f"images have different sizes {sorted(shapes)}; pass a common size to resize them")
+        raise UserError(f"images have different sizes {sorted(shapes)}")
     return torch.stack(tensors) if tensors else torch.zeros(0, 3, 1, 1)
 
 

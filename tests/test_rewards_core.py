@@ -1,0 +1,94 @@
+"""Reward interface basics: spec parsing, weighted sums, JPEG sizes by hand, input validation, shapes_gold."""
+
+import io
+
+import pytest
+import torch
+from PIL import Image
+
+from rewardtune.errors import UserError
+from rewardtune.rewards import load_reward, parse_spec
+from rewardtune.shapes.oracle import gold_scores, images_from_uint8
+from rewardtune.shapes.world import Scene, render
+
+
+def test_parse_spec():
+    assert parse_spec("pickscore:10,hpsv2:2,aesthetic:0.05") == [("pickscore", 10.0), ("hpsv2", 2.0),
+                                                                   ("aesthetic", 0.05)]
+    assert parse_spec("hpsv2.1") == [("hpsv2.1", 1.0)]
+    assert parse_spec(" a:-1 , b ") == [("a", -1.0), ("b", 1.0)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("", "empty reward spec"),
+    ("a:x", "malformed reward spec 'a:x' at 'a:x'"),
+    ("a:1,,b", "malformed reward spec"),
+    (":2", "malformed reward spec"),
+    ("a:nan", "malformed reward spec"),
+    ("a,a:2", "appears twice"),
+])
+def test_malformed_specs(spec, message):
+    with pytest.raises(UserError, match=message):
+        parse_spec(spec)
+
+
+def test_unknown_reward_lists_valid_names_and_bad_options():
+    with pytest.raises(UserError) as exc:
+        load_reward("hps")
+    assert "unknown reward 'hps'; choose one of:" in str(exc.value) and "hpsv2" in str(exc.value)
+    with pytest.raises(UserError, match="does not take option 'colour'"):
+        load_reward("jpeg_compressibility", colour=3)
+    with pytest.raises(UserError, match="not a component"):
+        load_reward("jpeg_compressibility:1,shapes_gold:1", hpsv2={})
+
+
+def _jpeg_kb(image):
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG", quality=95)
+    return len(buffer.getvalue()) / 1000
+
+
+def test_jpeg_rewards_by_hand():
+    images = torch.rand(3, 3, 24, 40, generator=torch.Generator().manual_seed(0))
+    images[1] = 0.5  # flat image compresses well
+    expected = torch.tensor([_jpeg_kb(im) for im in images])
+    torch.testing.assert_close(load_reward("jpeg_incompressibility")(images, ["x"] * 3), expected)
+    torch.testing.assert_close(load_reward("jpeg_compressibility")(images, ["x"] * 3), -expected)
+    assert expected[1] < expected[0]
+
+
+def test_weighted_sum_by_hand_and_components():
+    scenes = [Scene("red", "circle", "large", "middle center", "white"), Scene("blue", "square", "small",
+                                                                                "top left", "black")]
+    images = images_from_uint8(render(scenes))
+    prompts = ["a red circle", "a red circle"]
+    reward = load_reward("shapes_gold:2,jpeg_compressibility:0.5")
+    total = reward(images, prompts)
+    gold = gold_scores(images, prompts)["gold"]
+    jpeg = torch.tensor([_jpeg_kb(im) for im in images])
+    torch.testing.assert_close(total, 2 * gold - 0.5 * jpeg)
+    assert set(reward.components) == {"shapes_gold", "jpeg_compressibility"}
+    torch.testing.assert_close(reward.components["jpeg_compressibility"], -jpeg)
+
+
+def test_shapes_gold_components():
+    images = images_from_uint8(render([Scene("green", "triangle", "large", "middle center", "black")]))
+    reward = load_reward("shapes_gold")
+    score = reward(images, ["a green triangle"])
+    assert set(reward.components) == {"fidelity", "taste", "gold"}
+    assert reward.components["fidelity"].item() == 1.0
+    assert score.item() == pytest.approx((1.0 + reward.components["taste"].item()) / 2)
+
+
+@pytest.mark.parametrize("images, prompts, message", [
+    (torch.rand(2, 32, 32), ["a", "b"], r"\[B,3,H,W\]"),
+    (torch.rand(2, 4, 32, 32), ["a", "b"], r"\[B,3,H,W\]"),
+    (torch.randint(0, 255, (2, 3, 8, 8), dtype=torch.uint8), ["a", "b"], "divide uint8 images by 255"),
+    (torch.rand(2, 3, 8, 8) * 2 - 1, ["a", "b"], "must be in \\[0,1\\]"),
+    (torch.rand(2, 3, 8, 8), ["a"], "got 2 images but 1 prompts"),
+    (torch.rand(2, 3, 8, 8), "a", "a single string"),
+])
+def test_bad_inputs_are_rejected(images, prompts, message):
+    with pytest.raises(UserError, match=message):
+        load_reward("jpeg_compressibility")(images, prompts)

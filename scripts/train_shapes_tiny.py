@@ -177,6 +177,15 @@ def train_unet(work: Path, steps: int, batch: int, seed: int) -> None:
     plot_curves(work / "unet_log.jsonl", ["loss"], work / "unet_curve.png", title="tiny UNet (eps MSE)", smooth=20)
 
 
+def clip_image_processor():
+    """The tiny CLIP's preprocessing as a ``CLIPImageProcessor`` config: 32x32, mean/std 0.5 (as trained)."""
+    from transformers import CLIPImageProcessor
+
+    size = tiny_models.IMAGE_SIZE
+    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                              image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+
+
 def assemble(work: Path) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -193,6 +202,7 @@ def assemble(work: Path) -> None:
     pipe.save_pretrained(ASSETS / "shapes-tiny")
     CLIPModel.from_pretrained(work / "clip").save_pretrained(ASSETS / "shapes-clip")
     tokenizer.save_pretrained(ASSETS / "shapes-clip")
+    clip_image_processor().save_pretrained(ASSETS / "shapes-clip")
     log.info("wrote %s and %s", ASSETS / "shapes-tiny", ASSETS / "shapes-clip")
 
 
@@ -203,6 +213,7 @@ def clip_zero_shot(clip_dir: Path, n: int = 1000) -> dict[str, float]:
     from transformers import CLIPModel, CLIPTokenizer
 
     from rewardtune.prompts import read_prompts
+    from rewardtune.rewards.shapes import _as_tensor
     from rewardtune.shapes.captions import parse_prompt
     from rewardtune.shapes.world import COLORS, SHAPES
 
@@ -212,9 +223,9 @@ def clip_zero_shot(clip_dir: Path, n: int = 1000) -> dict[str, float]:
     def text_features(texts):
         ids = tok(texts, padding="max_length", max_length=tiny_models.MAX_TOKENS, truncation=True,
                   return_tensors="pt").input_ids
-        return F.normalize(model.get_text_features(input_ids=ids), dim=-1)
+        return F.normalize(_as_tensor(model.get_text_features(input_ids=ids)), dim=-1)
 
-    image = F.normalize(model.get_image_features(pixel_values=(data.images - 0.5) / 0.5), dim=-1)
+    image = F.normalize(_as_tensor(model.get_image_features(pixel_values=(data.images - 0.5) / 0.5)), dim=-1)
     pairs = [(c, s) for c in COLORS for s in SHAPES]
     pick = (image @ text_features([f"a {c} {s}" for c, s in pairs]).T).argmax(1)
     pair_acc = np.mean([pairs[i] == (sc.color, sc.shape) for i, sc in zip(pick.tolist(), data.scenes)])

@@ -78,7 +78,7 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None
         raise ModelNotFoundError(
             f"model {model!r} ({source}) is not in the local Hugging Face cache and could not be downloaded; "
-            f"on a connected machine run `huggingface-cli download {source}` (then copy the cache or set HF_HOME), "
+            f"on a connected machine run `hf download {source}` (then copy the cache or set HF_HOME), "
             "or pass a local pipeline folder with --model PATH") from None
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardtune.prompts import read_prompts
-from rewardtune.rewards.shapes import ASSETS, PreferenceHead, TinyClipEmbedder
+from rewardtune.rewards.shapes import ASSETS, PreferenceHead, embed_pair, load_tiny_clip
 from rewardtune.shapes.captions import parse_prompt
 from rewardtune.shapes.oracle import gold_scores, images_from_uint8
 from rewardtune.shapes.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, render
@@ -68,11 +68,10 @@ def make_pairs(prompts: list[str], n_pairs: int, seed: int, vae, temperature: fl
     return {"images": images.view(n_pairs, 2, 3, 32, 32), "prompts": chosen, "gold": gold, "label": label}
 
 
-def pair_scores(embedder, head, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+def pair_scores(towers, head, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """``[N,2,3,H,W]`` -> ``[N,2]`` proxy scores."""
     n = images.shape[0]
-    img = embedder.embed_images(images.flatten(0, 1))
-    txt = embedder.embed_texts(prompts).repeat_interleave(2, dim=0)
+    img, txt = embed_pair(towers, images.flatten(0, 1), [p for p in prompts for _ in range(2)])
     return head(img, txt).view(n, 2)
 
 
@@ -92,11 +91,10 @@ def train(args) -> None:
     data = make_pairs(train_prompts, args.pairs, args.seed, vae, args.temperature)
     heldout = make_pairs(read_prompts(ASSETS / "prompts" / "shapes_heldout.txt"), 2000, args.seed + 1, vae,
                          args.temperature)
-    embedder = TinyClipEmbedder(ASSETS / "shapes-clip")
-    embedder.clip.train()
-    dim = embedder.clip.config.projection_dim
-    head = PreferenceHead(dim)
-    opt = torch.optim.AdamW([{"params": embedder.clip.parameters(), "lr": args.clip_lr},
+    towers = load_tiny_clip(ASSETS / "shapes-clip")
+    towers.model.requires_grad_(True)  # finetuned with the head, as HPSv2 finetunes its CLIP
+    head = PreferenceHead(towers.model.config.projection_dim)
+    opt = torch.optim.AdamW([{"params": towers.model.parameters(), "lr": args.clip_lr},
                              {"params": head.parameters(), "lr": args.head_lr}], weight_decay=0.01)
     rng = np.random.default_rng(args.seed)
     t0 = time.time()
@@ -104,7 +102,7 @@ def train(args) -> None:
     with open(args.work / "preference_log.jsonl", "w") as fh:
         for step in range(args.steps):
             idx = rng.integers(args.pairs, size=args.batch)
-            scores = pair_scores(embedder, head, data["images"][idx], [data["prompts"][i] for i in idx])
+            scores = pair_scores(towers, head, data["images"][idx], [data["prompts"][i] for i in idx])
             loss = F.binary_cross_entropy_with_logits(scores[:, 0] - scores[:, 1], data["label"][idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -112,22 +110,20 @@ def train(args) -> None:
             if step % 100 == 0 or step == args.steps - 1:
                 record = {"step": step, "seconds": round(time.time() - t0, 1), "loss": round(loss.item(), 5)}
                 if step % 500 == 0 or step == args.steps - 1:
-                    record["heldout_acc"] = round(evaluate(embedder, head, heldout)["proxy"], 4)
+                    record["heldout_acc"] = round(evaluate(towers, head, heldout)["proxy"], 4)
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 log.info(record)
     plot_curves(args.work / "preference_log.jsonl", ["loss", "heldout_acc"], args.work / "preference_curve.png",
                 title="shapes_preference (Bradley-Terry on noisy pairs)")
-    save(embedder, head, ASSETS / "shapes-preference")
-    report(evaluate(embedder, head, heldout), args)
+    save(towers, head, ASSETS / "shapes-preference")
+    report(evaluate(towers, head, heldout), args)
 
 
 @torch.no_grad()
-def evaluate(embedder, head, pairs) -> dict[str, float]:
-    embedder.eval()
-    scores = torch.cat([pair_scores(embedder, head, pairs["images"][i:i + 500], pairs["prompts"][i:i + 500])
+def evaluate(towers, head, pairs) -> dict[str, float]:
+    scores = torch.cat([pair_scores(towers, head, pairs["images"][i:i + 500], pairs["prompts"][i:i + 500])
                         for i in range(0, len(pairs["prompts"]), 500)])
-    embedder.clip.train()
     alignment = _alignment_scores(pairs)
     noisy = torch.stack([pairs["label"], 1 - pairs["label"]], 1)
     return {"proxy": pairwise_accuracy(scores, pairs["gold"]), "alignment": pairwise_accuracy(alignment,
@@ -136,18 +132,17 @@ def evaluate(embedder, head, pairs) -> dict[str, float]:
 
 @torch.no_grad()
 def _alignment_scores(pairs) -> torch.Tensor:
-    base = TinyClipEmbedder(ASSETS / "shapes-clip")
-    img = base.embed_images(pairs["images"].flatten(0, 1))
-    txt = base.embed_texts(pairs["prompts"]).repeat_interleave(2, dim=0)
+    img, txt = embed_pair(load_tiny_clip(ASSETS / "shapes-clip"), pairs["images"].flatten(0, 1),
+                          [p for p in pairs["prompts"] for _ in range(2)])
     return (img * txt).sum(-1).view(-1, 2)
 
 
-def save(embedder, head, folder: Path) -> None:
+def save(towers, head, folder: Path) -> None:
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)
-    embedder.clip.eval().save_pretrained(folder)
-    embedder.tokenizer.save_pretrained(folder)
+    towers.model.save_pretrained(folder)
+    towers.tokenizer.save_pretrained(folder)
     (folder / "preprocessor_config.json").write_text((ASSETS / "shapes-clip" / "preprocessor_config.json").read_text())
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
     (folder / "head_config.json").write_text(json.dumps({"dim": head.net[0].in_features // 3,

@@ -82,6 +82,8 @@ def train_clip(work: Path, steps: int, batch: int, seed: int) -> None:
             if step % 50 == 0 or step == steps - 1:
                 acc = (match.gather(1, out.logits_per_image.argmax(1, keepdim=True))).mean()
                 _log_step(fh, step, t0, loss=loss.item(), match_acc=acc.item())
+            if step % 500 == 499:
+                model.save_pretrained(work / "clip")
     model.save_pretrained(work / "clip")
     plot_curves(work / "clip_log.jsonl", ["loss", "match_acc"], work / "clip_curve.png", title="tiny CLIP")
 
@@ -186,7 +188,7 @@ def clip_image_processor():
                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
-def assemble(work: Path) -> None:
+def assemble(work: Path, assets: Path = ASSETS) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
@@ -199,44 +201,39 @@ def assemble(work: Path) -> None:
         scheduler=DDIMScheduler(**tiny_models.scheduler_config()),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
-    pipe.save_pretrained(ASSETS / "shapes-tiny")
-    CLIPModel.from_pretrained(work / "clip").save_pretrained(ASSETS / "shapes-clip")
-    tokenizer.save_pretrained(ASSETS / "shapes-clip")
-    clip_image_processor().save_pretrained(ASSETS / "shapes-clip")
-    log.info("wrote %s and %s", ASSETS / "shapes-tiny", ASSETS / "shapes-clip")
+    pipe.save_pretrained(assets / "shapes-tiny")
+    CLIPModel.from_pretrained(work / "clip").save_pretrained(assets / "shapes-clip")
+    tokenizer.save_pretrained(assets / "shapes-clip")
+    clip_image_processor().save_pretrained(assets / "shapes-clip")
+    log.info("wrote %s and %s", assets / "shapes-tiny", assets / "shapes-clip")
 
 
 @torch.no_grad()
 def clip_zero_shot(clip_dir: Path, n: int = 1000) -> dict[str, float]:
     """Zero-shot accuracy of the tiny CLIP on held-out renders: pick colour+shape among the 18 "a <c> <s>" prompts,
-    and the full caption among 200 held-out captions."""
-    from transformers import CLIPModel, CLIPTokenizer
-
+    and the full caption among 200 held-out captions (over images whose caption is in that list)."""
     from rewardtune.prompts import read_prompts
-    from rewardtune.rewards.shapes import _as_tensor
+    from rewardtune.rewards.shapes import load_tiny_clip
     from rewardtune.shapes.captions import parse_prompt
     from rewardtune.shapes.world import COLORS, SHAPES
 
-    model, tok = CLIPModel.from_pretrained(clip_dir).eval(), CLIPTokenizer.from_pretrained(clip_dir)
+    towers = load_tiny_clip(clip_dir)
     data = ShapesData.generate(n, seed=999, split="heldout")
+    image = F.normalize(towers.encode_images(data.images), dim=-1)
 
-    def text_features(texts):
-        ids = tok(texts, padding="max_length", max_length=tiny_models.MAX_TOKENS, truncation=True,
-                  return_tensors="pt").input_ids
-        return F.normalize(_as_tensor(model.get_text_features(input_ids=ids)), dim=-1)
+    def best(texts: list[str]) -> list[int]:
+        return (image @ F.normalize(towers.encode_texts(texts), dim=-1).T).argmax(1).tolist()
 
-    image = F.normalize(_as_tensor(model.get_image_features(pixel_values=(data.images - 0.5) / 0.5)), dim=-1)
     pairs = [(c, s) for c in COLORS for s in SHAPES]
-    pick = (image @ text_features([f"a {c} {s}" for c, s in pairs]).T).argmax(1)
-    pair_acc = np.mean([pairs[i] == (sc.color, sc.shape) for i, sc in zip(pick.tolist(), data.scenes)])
+    pair_acc = np.mean([pairs[i] == (sc.color, sc.shape)
+                        for i, sc in zip(best([f"a {c} {s}" for c, s in pairs]), data.scenes)])
     captions = read_prompts(ASSETS / "prompts" / "shapes_heldout.txt")
     truth = [tuple(parse_prompt(c)[k] for k in ("color", "shape", "size", "position", "background"))
              for c in captions]
-    pick = (image @ text_features(captions).T).argmax(1)
-    hits = [truth[i] == sc.combo() for i, sc in zip(pick.tolist(), data.scenes)]
     covered = [sc.combo() in set(truth) for sc in data.scenes]
-    full_acc = float(np.sum(hits) / max(1, np.sum(covered)))
-    return {"color+shape of 18": float(pair_acc), "full caption of 200 (images whose caption is listed)": full_acc}
+    hits = [truth[i] == sc.combo() for i, sc in zip(best(captions), data.scenes)]
+    return {"color+shape of 18": float(pair_acc),
+            "full caption of 200": float(np.sum(hits) / max(1, np.sum(covered)))}
 
 
 @torch.no_grad()
@@ -272,7 +269,7 @@ def report(work: Path) -> None:
         first = records[0]
         lines.append(f"| {stage} | {last['step'] + 1} | {first['loss']:.4f} -> {last['loss']:.4f} | "
                      f"{last['seconds'] / 60:.1f} min |")
-    clip = clip_zero_shot(work / "clip")
+    clip = clip_zero_shot(ASSETS / "shapes-clip")
     vae = vae_readback(work / "vae")
     text = header(command_line()) + (
         "| stage | steps (last run) | loss first -> last | wall time (last run) |\n|---|---|---|---|\n"
@@ -294,13 +291,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true", help="vae: continue training from WORK/vae")
+    parser.add_argument("--assets", type=Path, default=ASSETS, help="assemble: where to write the model folders")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
     defaults = {"clip": (2500, 128), "vae": (2000, 32), "unet": (7000, 64)}
-    if args.stage in ("assemble", "report"):
-        {"assemble": assemble, "report": report}[args.stage](args.work)
+    if args.stage == "assemble":
+        assemble(args.work, args.assets)
+        return
+    if args.stage == "report":
+        report(args.work)
         return
     steps, batch = defaults[args.stage]
     if args.stage == "vae":

@@ -92,3 +92,26 @@ def test_shapes_gold_components():
 def test_bad_inputs_are_rejected(images, prompts, message):
     with pytest.raises(UserError, match=message):
         load_reward("jpeg_compressibility")(images, prompts)
+
+
+def test_component_names_may_contain_dots(monkeypatch):
+    from rewardtune.rewards import REWARDS
+
+    monkeypatch.setitem(REWARDS._entries, "jpeg.v2", "rewardtune.rewards.jpeg:jpeg_incompressibility")
+    reward = load_reward("jpeg.v2:2,jpeg_compressibility:1")
+    images = torch.rand(2, 3, 16, 16)
+    torch.testing.assert_close(reward(images, ["a", "b"]), reward.components["jpeg.v2"])
+
+
+def test_resize_shortest_truncates_the_long_side_like_torchvision():
+    from torchvision.transforms.functional import resize
+
+    from rewardtune.rewards.preprocess import resize_shortest_and_center_crop
+
+    images = torch.rand(1, 3, 48, 64)
+    expected_width = resize(images, 42, antialias=True).shape[-1]  # int(42 * 64 / 48) = 56
+    assert expected_width == 56
+    out = resize_shortest_and_center_crop(images, 42)
+    assert out.shape[-2:] == (42, 42)
+    odd = torch.rand(1, 3, 48, 64)
+    assert resize_shortest_and_center_crop(odd, 43).shape[-2:] == (43, 43)  # long side int(57.33) = 57

@@ -37,7 +37,8 @@ class WeightedSum(Reward):
 
     def __init__(self, rewards: dict[str, Reward], weights: dict[str, float]) -> None:
         super().__init__()
-        self.parts = nn.ModuleDict(rewards)
+        self.keys = list(rewards)  # names may contain "." (hpsv2.1), which ModuleDict keys may not
+        self.parts = nn.ModuleList(rewards.values())
         self.weights = dict(weights)
         self.differentiable = all(r.differentiable for r in rewards.values())
         self.name = ",".join(f"{k}:{w:g}" for k, w in weights.items())
@@ -45,7 +46,7 @@ class WeightedSum(Reward):
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         total = torch.zeros(images.shape[0], device=images.device)
         components = {}
-        for key, reward in self.parts.items():
+        for key, reward in zip(self.keys, self.parts):
             values = reward(images.to(reward.device), prompts).to(images.device)
             components[key] = values.detach()
             total = total + self.weights[key] * values

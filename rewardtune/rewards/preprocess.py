@@ -29,10 +29,9 @@ def resize_longest_and_pad(images: torch.Tensor, size: int = 224) -> torch.Tenso
 
 def resize_shortest_and_center_crop(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     """Scale so the shortest side is ``size`` (bicubic, antialiased), then centre-crop ``size x size`` (the
-    ``CLIPImageProcessor`` / torchvision ``Resize + CenterCrop`` pipeline)."""
+    ``CLIPImageProcessor`` / torchvision ``Resize + CenterCrop`` pipeline; like them, the long side is truncated)."""
     h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
     if (nh, nw) != (h, w):
         images = F.interpolate(images, size=(nh, nw), mode="bicubic", align_corners=False, antialias=True)
     top, left = (nh - size) // 2, (nw - size) // 2

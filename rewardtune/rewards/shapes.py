@@ -37,51 +37,16 @@ def load_shapes_gold(device: str = "cpu", dtype: str = "float32") -> Reward:
     return ShapesGold()
 
 
-class TinyClipEmbedder(nn.Module):
-    """L2-normalised image and text embeddings of a transformers ``CLIPModel`` on 32x32 inputs.
+def load_tiny_clip(folder: str | Path, device: str = "cpu", dtype: str = "float32"):
+    """The tiny CLIP's towers (:class:`rewardtune.rewards.clip_hf.CLIPTowers`) from a shipped or given folder."""
+    from rewardtune.rewards.clip_hf import load_clip_towers
 
-    Images ``[B,3,H,W]`` in [0,1] are resized (bilinear, antialiased) to the vision tower's size and normalised
-    with the mean/std of the folder's ``preprocessor_config.json``; everything is differentiable.
-    """
-
-    def __init__(self, folder: str | Path) -> None:
-        super().__init__()
-        from transformers import CLIPModel, CLIPTokenizer
-
-        folder = _require_folder(folder)
-        self.clip = CLIPModel.from_pretrained(folder).eval()
-        self.tokenizer = CLIPTokenizer.from_pretrained(folder)
-        config = json.loads((folder / "preprocessor_config.json").read_text())
-        self.register_buffer("mean", torch.tensor(config["image_mean"]).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config["image_std"]).view(1, 3, 1, 1), persistent=False)
-        self.size = self.clip.config.vision_config.image_size
-
-    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B,3,H,W]`` in [0,1] -> ``[B,D]`` unit vectors."""
-        if images.shape[-2:] != (self.size, self.size):
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", antialias=True,
-                                   align_corners=False)
-        pixels = (images - self.mean) / self.std
-        return F.normalize(_as_tensor(self.clip.get_image_features(pixel_values=pixels)), dim=-1)
-
-    def embed_texts(self, prompts: list[str]) -> torch.Tensor:
-        """``B`` prompts -> ``[B,D]`` unit vectors."""
-        ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.mean.device)
-        return F.normalize(_as_tensor(self.clip.get_text_features(input_ids=ids)), dim=-1)
+    return load_clip_towers(str(folder), device=device, dtype=dtype, what="shapes CLIP")
 
 
-def _as_tensor(features) -> torch.Tensor:
-    """transformers 5 may return a model output instead of a tensor from ``get_*_features``."""
-    return features if isinstance(features, torch.Tensor) else features.pooler_output
-
-
-def _require_folder(folder: str | Path) -> Path:
-    folder = Path(folder)
-    if not (folder / "config.json").is_file():
-        raise ModelNotFoundError(f"no CLIP model at {str(folder)!r} (config.json missing); rebuild it with "
-                                 "scripts/train_shapes_tiny.py or pass model=PATH")
-    return folder
+def embed_pair(towers, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised ``([B,D], [B,D])`` image and prompt embeddings."""
+    return F.normalize(towers.encode_images(images), dim=-1), F.normalize(towers.encode_texts(prompts), dim=-1)
 
 
 class ShapesAlignment(Reward):
@@ -89,12 +54,13 @@ class ShapesAlignment(Reward):
 
     differentiable = True
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, towers) -> None:
         super().__init__()
-        self.embedder = TinyClipEmbedder(folder)
+        self.towers = towers
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return (self.embedder.embed_images(images) * self.embedder.embed_texts(prompts)).sum(-1)
+        image, text = embed_pair(self.towers, images, prompts)
+        return (image * text).sum(-1)
 
 
 class PreferenceHead(nn.Module):
@@ -114,27 +80,32 @@ class ShapesPreference(Reward):
 
     differentiable = True
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, towers, head: PreferenceHead) -> None:
         super().__init__()
-        from safetensors.torch import load_file
-
-        folder = _require_folder(folder)
-        if not (folder / "head.safetensors").is_file():
-            raise ModelNotFoundError(f"no preference head at {str(folder / 'head.safetensors')!r}; train it with "
-                                     "scripts/train_shapes_rewards.py or pass model=PATH")
-        self.embedder = TinyClipEmbedder(folder)
-        head_config = json.loads((folder / "head_config.json").read_text())
-        self.head = PreferenceHead(head_config["dim"], head_config["hidden"])
-        self.head.load_state_dict(load_file(folder / "head.safetensors"))
-        self.head.eval()
+        self.towers, self.head = towers, head.eval().requires_grad_(False)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        return self.head(self.embedder.embed_images(images), self.embedder.embed_texts(prompts))
+        return self.head(*embed_pair(self.towers, images, prompts))
+
+
+def load_preference_head(folder: str | Path) -> PreferenceHead:
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / "head.safetensors").is_file():
+        raise ModelNotFoundError(f"no preference head at {str(folder / 'head.safetensors')!r}; train it with "
+                                 "scripts/train_shapes_rewards.py or pass model=PATH")
+    config = json.loads((folder / "head_config.json").read_text())
+    head = PreferenceHead(config["dim"], config["hidden"])
+    head.load_state_dict(load_file(folder / "head.safetensors"))
+    return head
 
 
 def load_shapes_alignment(model: str | None = None, device: str = "cpu", dtype: str = "float32") -> Reward:
-    return ShapesAlignment(model or ASSETS / "shapes-clip").to(device)
+    return ShapesAlignment(load_tiny_clip(model or ASSETS / "shapes-clip", device, dtype))
 
 
 def load_shapes_preference(model: str | None = None, device: str = "cpu", dtype: str = "float32") -> Reward:
-    return ShapesPreference(model or ASSETS / "shapes-preference").to(device)
+    folder = model or ASSETS / "shapes-preference"
+    head = load_preference_head(folder)
+    return ShapesPreference(load_tiny_clip(folder, device, dtype), head.to(device))

@@ -1,7 +1,8 @@
 """``rewardtune score``: score a folder (or glob) of images with any reward spec; one row per image.
 
 Prompts come from ``--prompt`` (one for all), a text file (one prompt per image, in sorted file order) or a CSV /
-JSON-lines file with ``path,prompt`` (matched by path relative to the folder, or by file name). Unreadable images are
+JSON-lines file with ``path,prompt`` (matched by path relative to the folder, or by file name; the ``file`` column
+of a ``rewardtune sample`` manifest works too). Unreadable images are
 reported by name and skipped (``strict`` fails instead). Images are batched by size, each batch in one call.
 """
 
@@ -73,9 +74,10 @@ def _path_prompt_table(prompts_file: str) -> dict[str, str]:
             rows = [json.loads(line) for line in text.splitlines() if line.strip()]
         except json.JSONDecodeError:
             raise UserError(f"prompt file {prompts_file!r} is not valid JSON lines") from None
-    if not rows or not all(isinstance(r, dict) and "path" in r and "prompt" in r for r in rows):
-        raise UserError(f"prompt file {prompts_file!r} needs 'path' and 'prompt' in every row")
-    return {str(r["path"]): str(r["prompt"]) for r in rows}
+    key = "path" if rows and isinstance(rows[0], dict) and "path" in rows[0] else "file"  # sample manifests
+    if not rows or not all(isinstance(r, dict) and key in r and "prompt" in r for r in rows):
+        raise UserError(f"prompt file {prompts_file!r} needs 'path' (or 'file') and 'prompt' in every row")
+    return {str(r[key]): str(r["prompt"]) for r in rows}
 
 
 def score_images(reward, paths: list[Path], prompts: list[str], batch_size: int = 32, strict: bool = False,

@@ -120,3 +120,14 @@ def test_console_script_help_and_bad_config_key(tmp_path):
     assert bad.stderr.strip() == ("rewardtune: error: unknown config key 'sample.nmu_images'; valid keys here: "
                                   "batch_size, device, dtype, eta, guidance, height, model, num_images, out, "
                                   "overwrite, prompts, prompts_file, seed, steps, width")
+
+
+def test_sample_output_scores_with_its_own_manifest(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert run_cli("sample", "--model", tiny_pipeline_dir, "--prompt", "a red circle", "--prompt", "a blue square",
+                   "--num-images", 2, "--steps", 2, "--out", out) == 0
+    scores = tmp_path / "scores.csv"
+    assert run_cli("score", "--reward", "shapes_gold", "--images", out / "0*.png", "--prompts",
+                   out / "manifest.csv", "--out", scores) == 0
+    rows = scores.read_text().splitlines()[1:]
+    assert [r.split(",")[1] for r in rows] == ["a red circle"] * 2 + ["a blue square"] * 2

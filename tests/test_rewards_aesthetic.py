@@ -3,58 +3,25 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-
 import pytest
 import torch
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
+from tiny_rewards import (AESTHETIC_HEAD_FILE, AESTHETIC_HEAD_LINEARS, AESTHETIC_PROJECTION, save_aesthetic_clip,
+                          save_aesthetic_head)
 
-PROJECTION = 12
-HEAD_DIMS = [PROJECTION, 1024, 128, 64, 16, 1]
-HEAD_LINEARS = [0, 2, 4, 6, 7]        # nn.Sequential indices of the Linears; 1, 3, 5 are Dropouts
-
-
-def save_tiny_clip(folder):
-    """Random CLIPModel (24x24 images, 8x8 patches, projection 12); the processor resizes the short side to 28 and
-    centre-crops 24, with the OpenAI mean/std left to the processor's defaults."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    from rewardtune.shapes.tiny_models import save_clip_tokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(save_clip_tokenizer(["a red circle", "a blue square"], folder / "_tok"))
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(tower, vocab_size=len(tokenizer), max_position_embeddings=16, bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(tower, image_size=24, patch_size=8),
-                                 projection_dim=PROJECTION))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 28}, crop_size={"height": 24, "width": 24}).save_pretrained(folder)
-    return folder
-
-
-def save_random_head(path, input_dim: int = PROJECTION):
-    """A state dict with exactly the original's keys ``layers.{0,2,4,6,7}.{weight,bias}`` (fan-in scaled)."""
-    generator = torch.Generator().manual_seed(5)
-    state = OrderedDict()
-    for index, fan_in, fan_out in zip(HEAD_LINEARS, [input_dim] + HEAD_DIMS[1:-1], HEAD_DIMS[1:]):
-        state[f"layers.{index}.weight"] = torch.randn(fan_out, fan_in, generator=generator) / fan_in ** 0.5
-        state[f"layers.{index}.bias"] = 0.1 * torch.randn(fan_out, generator=generator)
-    torch.save(state, path)
-    return path
+PROJECTION, HEAD_LINEARS = AESTHETIC_PROJECTION, AESTHETIC_HEAD_LINEARS
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip_aesthetic"))
+    return save_aesthetic_clip(tmp_path_factory.mktemp("tiny_clip_aesthetic"))
 
 
 @pytest.fixture(scope="module")
 def head_path(tmp_path_factory):
-    return save_random_head(tmp_path_factory.mktemp("head") / "sac+logos+ava1-l14-linearMSE.pth")
+    return save_aesthetic_head(tmp_path_factory.mktemp("head") / AESTHETIC_HEAD_FILE)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +112,7 @@ def test_aesthetic_rejects_a_head_with_other_keys_or_sizes(clip_dir, tmp_path):
     torch.save({"net.0.weight": torch.zeros(1, PROJECTION)}, wrong_keys)
     with pytest.raises(UserError, match="not a LAION aesthetic head"):
         load_reward("aesthetic", clip=str(clip_dir), head=str(wrong_keys))
-    wrong_dim = save_random_head(tmp_path / "l14.pth", input_dim=768)   # the real head on a tiny CLIP
+    wrong_dim = save_aesthetic_head(tmp_path / "l14.pth", input_dim=768)   # the real head on a tiny CLIP
     with pytest.raises(UserError, match="projection dim is 12"):
         load_reward("aesthetic", clip=str(clip_dir), head=str(wrong_dim))
 

@@ -3,7 +3,6 @@ CLIP-S, pretrained-tag handling (QuickGELU, mean/std) without a network, and one
 
 from __future__ import annotations
 
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -13,15 +12,11 @@ import torch.nn.functional as F
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.jpeg import jpeg_kilobytes
+from tiny_rewards import OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, clipscore_options, reference_open_clip
 
 open_clip = pytest.importorskip("open_clip")
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-OPENAI = (torch.tensor([0.48145466, 0.4578275, 0.40821073]), torch.tensor([0.26862954, 0.26130258, 0.27577711]))
+OPENAI = (torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD))
 PROMPTS = ["a red circle", "a photo of a dog", "a painting of a cat", "a small green triangle"]
 
 
@@ -29,13 +24,11 @@ PROMPTS = ["a red circle", "a photo of a dog", "a painting of a cat", "a small g
 def tiny(tmp_path_factory):
     """Config JSON + a random CLIP saved as a bare open_clip state dict and as {'state_dict': ...}."""
     folder = tmp_path_factory.mktemp("clipscore")
-    (folder / "tiny-clipscore.json").write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**TINY).eval()
-    torch.save(clip.state_dict(), folder / "open_clip_pytorch_model.bin")
+    options = clipscore_options(folder)
+    clip = reference_open_clip(options["model"], options["checkpoint"])
     torch.save({"state_dict": clip.state_dict()}, folder / "wrapped.pt")
-    return SimpleNamespace(arch=str(folder / "tiny-clipscore.json"), ckpt=str(folder / "open_clip_pytorch_model.bin"),
-                           wrapped=str(folder / "wrapped.pt"), clip=clip, state=clip.state_dict())
+    return SimpleNamespace(arch=options["model"], ckpt=options["checkpoint"], wrapped=str(folder / "wrapped.pt"),
+                           clip=clip, state=clip.state_dict())
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +107,7 @@ def test_pretrained_tag_sets_quick_gelu_and_mean_std(tiny, monkeypatch):
     monkeypatch.setattr(open_clip, "download_pretrained", lambda cfg, **kw: tiny.ckpt)
     reward = load_reward("clipscore", model=tiny.arch, pretrained="tinytag")
     assert any(isinstance(m, QuickGELU) for m in reward.model.modules())
-    reference = open_clip.model.CLIP(**TINY, quick_gelu=True).eval()
+    reference = open_clip.model.CLIP(**OPEN_CLIP_TINY, quick_gelu=True).eval()
     reference.load_state_dict(tiny.state)
     images = torch.rand(4, 3, 32, 32)
     half = (torch.full((3,), 0.5), torch.full((3,), 0.5))

@@ -16,16 +16,12 @@ import torch.nn.functional as F
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.jpeg import jpeg_kilobytes
+from tiny_rewards import OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, hpsv2_options, reference_open_clip
 
 open_clip = pytest.importorskip("open_clip")
 
-TINY = {
-    "embed_dim": 16,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 2},
-}
-MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
-STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+MEAN = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+STD = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
 PROMPTS = ["a red circle", "a photo of a dog", "a painting of a cat"]
 
 
@@ -33,15 +29,12 @@ PROMPTS = ["a red circle", "a photo of a dog", "a painting of a cat"]
 def tiny(tmp_path_factory):
     """Config JSON + random CLIP saved as the HPS release ({'state_dict'}) and as a DDP training checkpoint."""
     folder = tmp_path_factory.mktemp("hps")
-    (folder / "tiny-hps.json").write_text(json.dumps(TINY))
-    torch.manual_seed(0)
-    clip = open_clip.model.CLIP(**TINY).eval()
-    state = clip.state_dict()
-    torch.save({"state_dict": state}, folder / "HPS_v2_compressed.pt")
-    ddp = {"iterations": 7, "name": "run", "state_dict": {f"module.{k}": v for k, v in state.items()}}
+    options = hpsv2_options(folder)
+    clip = reference_open_clip(options["arch"], options["checkpoint"])
+    ddp = {"iterations": 7, "name": "run", "state_dict": {f"module.{k}": v for k, v in clip.state_dict().items()}}
     torch.save(ddp, folder / "ddp.pt")
-    return SimpleNamespace(arch=str(folder / "tiny-hps.json"), ckpt=str(folder / "HPS_v2_compressed.pt"),
-                           ddp=str(folder / "ddp.pt"), clip=clip, folder=folder)
+    return SimpleNamespace(arch=options["arch"], ckpt=options["checkpoint"], ddp=str(folder / "ddp.pt"), clip=clip,
+                           folder=folder)
 
 
 @pytest.fixture(scope="module")
@@ -133,7 +126,7 @@ def test_checkpoint_found_in_hps_root(tiny, monkeypatch):
 
 
 def test_bad_checkpoints_and_archs_are_one_line_errors(tiny, tmp_path):
-    other = dict(TINY, embed_dim=8)
+    other = dict(OPEN_CLIP_TINY, embed_dim=8)
     (tmp_path / "tiny-other.json").write_text(json.dumps(other))
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     cases = [

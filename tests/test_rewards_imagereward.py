@@ -1,14 +1,15 @@
 """ImageReward on a tiny random instance saved in the original ``ImageReward.pt`` key layout.
 
-The layout below is written out independently of ``rewardtune.rewards.imagereward`` (whose docstring cites its
-sources): BLIP_Pretrain under ``blip.`` (timm-style ViT ``visual_encoder``, BLIP med BERT ``text_encoder`` with
-cross-attention, no token-type table, plus the unused ``vision_proj``/``text_proj``/``position_ids``) and the head
-``mlp.layers.{0,2,4,6,7}``.
+The layout (``tiny_rewards.imagereward_layout``) is written out independently of
+``rewardtune.rewards.imagereward`` (whose docstring cites its sources): BLIP_Pretrain under ``blip.`` (timm-style
+ViT ``visual_encoder``, BLIP med BERT ``text_encoder`` with cross-attention, no token-type table, plus the unused
+``vision_proj``/``text_proj``/``position_ids``) and the head ``mlp.layers.{0,2,4,6,7}``.
 """
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,86 +17,22 @@ from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
+from tiny_rewards import BERT_SPECIALS, BERT_WORDS, IMAGEREWARD_VISION, imagereward_options
 
-VISION = {"image_size": 32, "patch_size": 8, "width": 24, "depth": 2, "heads": 2}
-SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-WORDS = "a red blue green circle square triangle cat dog photo of painting on the small big background".split()
+VISION = IMAGEREWARD_VISION
+SPECIALS, WORDS = BERT_SPECIALS, BERT_WORDS
 MEAN, STD = 0.16717362830052426, 1.0333394966054072
 PROMPTS = ["a red circle", "a photo of a cat on the background", "a big blue square", "dog"]
 UNUSED = ("blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight", "blip.text_proj.bias",
           "blip.text_encoder.embeddings.position_ids")
 
 
-def tiny_med_config(vocab_size: int) -> dict:
-    """BLIP's med_config.json fields at toy size (+2 vocab for BLIP's added [DEC] and [ENC] tokens)."""
-    return {"architectures": ["BertModel"], "attention_probs_dropout_prob": 0.1, "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1, "hidden_size": 32, "initializer_range": 0.02, "intermediate_size": 64,
-            "layer_norm_eps": 1e-12, "max_position_embeddings": 40, "model_type": "bert", "num_attention_heads": 2,
-            "num_hidden_layers": 2, "pad_token_id": 0, "type_vocab_size": 2, "vocab_size": vocab_size + 2,
-            "encoder_width": 768, "add_cross_attention": True}
-
-
-def original_layout_shapes(vis: dict, med: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor key of ImageReward.pt with its shape, for the given ViT and med_config sizes."""
-    w, h, p = vis["width"], med["hidden_size"], vis["patch_size"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "blip.visual_encoder.cls_token": (1, 1, w),
-        "blip.visual_encoder.pos_embed": (1, (vis["image_size"] // p) ** 2 + 1, w),
-        "blip.visual_encoder.patch_embed.proj.weight": (w, 3, p, p), "blip.visual_encoder.patch_embed.proj.bias": (w,),
-        "blip.text_encoder.embeddings.word_embeddings.weight": (med["vocab_size"], h),
-        "blip.text_encoder.embeddings.position_embeddings.weight": (med["max_position_embeddings"], h)}
-
-    def linear(name, n_in, n_out):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n_out, n_in), (n_out,)
-
-    def norm(name, n):
-        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (n,), (n,)
-
-    for i in range(vis["depth"]):
-        block = f"blip.visual_encoder.blocks.{i}"
-        norm(f"{block}.norm1", w), linear(f"{block}.attn.qkv", w, 3 * w), linear(f"{block}.attn.proj", w, w)
-        norm(f"{block}.norm2", w), linear(f"{block}.mlp.fc1", w, 4 * w), linear(f"{block}.mlp.fc2", 4 * w, w)
-    norm("blip.visual_encoder.norm", w)
-    norm("blip.text_encoder.embeddings.LayerNorm", h)
-    for j in range(med["num_hidden_layers"]):
-        layer = f"blip.text_encoder.encoder.layer.{j}"
-        for attention, kv_width in (("attention", h), ("crossattention", w)):
-            linear(f"{layer}.{attention}.self.query", h, h)
-            linear(f"{layer}.{attention}.self.key", kv_width, h)
-            linear(f"{layer}.{attention}.self.value", kv_width, h)
-            linear(f"{layer}.{attention}.output.dense", h, h), norm(f"{layer}.{attention}.output.LayerNorm", h)
-        linear(f"{layer}.intermediate.dense", h, med["intermediate_size"])
-        linear(f"{layer}.output.dense", med["intermediate_size"], h), norm(f"{layer}.output.LayerNorm", h)
-    widths = (h, 1024, 128, 64, 16, 1)
-    for index, n_in, n_out in zip((0, 2, 4, 6, 7), widths[:-1], widths[1:]):
-        linear(f"mlp.layers.{index}", n_in, n_out)
-    linear("blip.vision_proj", w, 256), linear("blip.text_proj", h, 256)
-    return shapes
-
-
-def random_state(vis: dict, med: dict, seed: int = 0) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    state = {}
-    for key, shape in original_layout_shapes(vis, med).items():
-        is_norm_weight = key.endswith(".weight") and len(shape) == 1
-        noise = 0.1 * torch.randn(shape, generator=gen)
-        state[key] = 1.0 + noise if is_norm_weight else noise
-    state["blip.text_encoder.embeddings.position_ids"] = torch.arange(med["max_position_embeddings"])[None]
-    return state
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("imagereward")
-    (root / "tokenizer").mkdir()
-    (root / "tokenizer" / "vocab.txt").write_text("\n".join(SPECIALS + WORDS) + "\n")
-    (root / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True}))
-    med = tiny_med_config(len(SPECIALS) + len(WORDS))
-    (root / "med_config.json").write_text(json.dumps(med))
-    state = random_state(VISION, med)
-    torch.save(state, root / "ImageReward.pt")
-    options = {"checkpoint": str(root / "ImageReward.pt"), "med_config": str(root / "med_config.json"),
-               "tokenizer": str(root / "tokenizer"), "vision": VISION}
+    options = imagereward_options(root)
+    state = torch.load(options["checkpoint"], weights_only=True)
+    med = json.loads(Path(options["med_config"]).read_text())
     return {"root": root, "med": med, "state": state, "options": options,
             "reward": load_reward("imagereward", **options)}
 

@@ -14,40 +14,17 @@ from PIL import Image
 from rewardtune.errors import ModelNotFoundError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.clip_hf import ImagePreprocessing
+from tiny_rewards import (CLIP_MAX_POSITIONS, PICKSCORE_LOGIT_SCALE, PICKSCORE_MEAN, PICKSCORE_STD,
+                          save_pickscore_clip)
 
-CORPUS = ["a red circle", "a blue square on a white background", "a small green triangle", "a photo of a dog"]
 PROMPTS = ["a red circle", "a photo of a dog", "a red circle",
            "a small green triangle on a blue square on a white background in a photo of a red dog"]  # > 16 tokens
-MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)   # not OpenAI's: the scores prove they are read from the config
-MAX_POSITIONS, LOGIT_SCALE = 16, 3.0
-
-
-def save_tiny_clip(folder):
-    """Random CLIPModel (width 32, 2 layers, 32x32 images, 8x8 patches, projection 16) + tokenizer + processor."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
-
-    from rewardtune.shapes.tiny_models import save_clip_tokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(save_clip_tokenizer(CORPUS, folder / "_tokenizer"))
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-    text = dict(tower, vocab_size=len(tokenizer), max_position_embeddings=MAX_POSITIONS,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=dict(tower, image_size=32, patch_size=8),
-                                 projection_dim=16))
-    with torch.no_grad():
-        model.logit_scale.fill_(LOGIT_SCALE)
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_mean=list(MEAN),
-                       image_std=list(STD)).save_pretrained(folder)
-    return folder
+MEAN, STD, MAX_POSITIONS, LOGIT_SCALE = PICKSCORE_MEAN, PICKSCORE_STD, CLIP_MAX_POSITIONS, PICKSCORE_LOGIT_SCALE
 
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
+    return save_pickscore_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ Read-back (all vectorised over the batch, images ``[B,3,H,W]`` in [0,1], resized
 * object contrast ``c`` = 98th percentile of ``d``; the object mask is ``d > c/2``; no object when ``c < 0.12``;
 * object colour = mean of the core pixels (``d > 3c/4``) -> nearest palette hue; background -> nearest of
   white/black/gray/cream by chroma and luminance;
-* shape from the fill ratio of the mask in its bounding box (square ~1, circle ~pi/4, triangle ~1/2), size from
-  the box's extent, position from the mask's centroid on a 3x3 grid.
+* shape from moments of the soft coverage (vertical skewness: triangles; diagonal vs axis kurtosis: squares vs
+  circles), size from the soft extent, position from the centroid on a 3x3 grid.
 
 Gold scores, never used for training:
 
@@ -36,8 +36,8 @@ from rewardtune.shapes.captions import parse_prompt
 from rewardtune.shapes.world import BACKGROUNDS, COLORS, COLUMNS, IMAGE_SIZE, ROWS, SHAPES, SIZES
 
 _MIN_CONTRAST = 0.12
-_FILL_EDGES = (0.7, 0.87)  # triangle | circle | square, soft fill ratio
-_TRIANGLE_SKEW = 0.08
+_TRIANGLE_SKEW = -0.15  # vertical skewness below this: triangle (renders: < -0.39; circles, squares: > -0.04)
+_SQUARE_KURTOSIS = 0.28  # diagonal-minus-axis kurtosis above this: square (renders: > 0.48; circles: < 0.09)
 _SIZE_EDGES = (5.3, 7.3)  # half extent in pixels: small | medium | large
 _LUMA = torch.tensor([0.299, 0.587, 0.114])
 
@@ -125,30 +125,36 @@ def _smooth(x: torch.Tensor) -> torch.Tensor:
 def _geometry(mask: torch.Tensor, alpha: torch.Tensor) -> tuple[list[str], list[str], list[str], torch.Tensor]:
     """Shape, size and position names and the half extent ``[B]`` from masks and soft coverage ``[B,H,W]``.
 
-    Soft measures resist pixel quantisation of small objects: width = sum over columns of the column's peak
-    coverage, area = summed coverage near the mask, fill = area / (width * height).
+    Shape from moments of the soft coverage near the mask, which survive blur and pixel quantisation:
+    an upright triangle's mass is skewed towards its base (vertical skewness ~ -0.5, ~0 for the others); a square's
+    mass has a higher kurtosis along the diagonals than along the axes (uniform vs triangular profiles: ~+0.55),
+    a circle's is isotropic (~0). Size from the soft width (sum over columns of each column's peak coverage).
     """
     b, h, w = mask.shape
-    m = mask.float()
-    near = F.max_pool2d(m[:, None], 3, 1, 1)[:, 0]
-    alpha = alpha * near
-    width, height = alpha.amax(1).sum(1).clamp_min(1), alpha.amax(2).sum(1).clamp_min(1)
+    alpha = alpha * F.max_pool2d(mask.float()[:, None], 3, 1, 1)[:, 0]
     area = alpha.sum((1, 2)).clamp_min(1e-6)
-    fill = area / (width * height)
-    idx_h, idx_w = torch.arange(h).float() + 0.5, torch.arange(w).float() + 0.5
-    cy = (alpha * idx_h[None, :, None]).sum((1, 2)) / area
-    cx = (alpha * idx_w[None, None, :]).sum((1, 2)) / area
-    rows_any = mask.any(2)
-    top = torch.where(rows_any, idx_h, torch.full_like(idx_h, float(h))).min(1).values
-    bottom = torch.where(rows_any, idx_h, torch.full_like(idx_h, -1.0)).max(1).values
-    box_cy = (top + bottom) / 2
-    bottom_heavy = (cy - box_cy) / height  # ~1/6 for an upright triangle, ~0 for symmetric shapes
-    is_triangle = (bottom_heavy > _TRIANGLE_SKEW) | (fill < _FILL_EDGES[0])
-    shape_idx = torch.where(is_triangle, 2, torch.where(fill < _FILL_EDGES[1], 0, 1))
+    ys = (torch.arange(h).float() + 0.5)[None, :, None]
+    xs = (torch.arange(w).float() + 0.5)[None, None, :]
+    cy, cx = (alpha * ys).sum((1, 2)) / area, (alpha * xs).sum((1, 2)) / area
+    dy, dx = ys - cy[:, None, None], xs - cx[:, None, None]
+
+    def moment(u: torch.Tensor, k: int) -> torch.Tensor:
+        return (alpha * u**k).sum((1, 2)) / area
+
+    def kurtosis(u: torch.Tensor) -> torch.Tensor:
+        return moment(u, 4) / moment(u, 2).clamp_min(1e-6) ** 2
+
+    skew_y = moment(dy, 3) / moment(dy, 2).clamp_min(1e-6) ** 1.5
+    diagonal_excess = (kurtosis((dx + dy) / 2**0.5) + kurtosis((dx - dy) / 2**0.5) - kurtosis(dx) - kurtosis(dy)) / 2
+    is_triangle = skew_y < _TRIANGLE_SKEW
+    shape_idx = torch.where(is_triangle, 2, torch.where(diagonal_excess > _SQUARE_KURTOSIS, 1, 0))
+    width, height = alpha.amax(1).sum(1).clamp_min(1), alpha.amax(2).sum(1).clamp_min(1)
     extent = torch.maximum(width, height) / 2
     size_idx = torch.bucketize(extent, torch.tensor(_SIZE_EDGES))
-    # A triangle's centroid sits below its box centre: use the box centre for its position.
-    cy = torch.where(is_triangle, box_cy, cy)
+    rows_any = mask.any(2)
+    top = torch.where(rows_any, ys[0, :, 0], torch.full((h,), float(h))).min(1).values
+    bottom = torch.where(rows_any, ys[0, :, 0], torch.full((h,), -1.0)).max(1).values
+    cy = torch.where(is_triangle, (top + bottom) / 2, cy)  # a triangle's centroid sits below its box centre
     row_idx = torch.bucketize(cy, torch.tensor([12.25, 19.75]))
     col_idx = torch.bucketize(cx, torch.tensor([12.25, 19.75]))
     size_names, row_names, col_names = list(SIZES), list(ROWS), list(COLUMNS)

@@ -1,7 +1,7 @@
 """``rewardtune sample``: images from a pipeline, with a grid and a manifest of prompts and seeds.
 
 Image ``k`` (in prompt-major order) is drawn from seed ``seed + k`` with its own generator, so the same seed always
-gives the same image, whatever the batch size.
+gives the same image (bit-identical at equal batch size; other batch sizes change only float summation order).
 """
 
 from __future__ import annotations

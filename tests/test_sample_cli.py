@@ -41,10 +41,13 @@ def test_same_seed_same_images_whatever_the_batch_size(tiny_pipeline_dir, tmp_pa
     common = ["sample", "--model", tiny_pipeline_dir, "--prompt", "a red circle", "--prompt", "a blue square",
               "--num-images", 2, "--steps", 2, "--eta", 1.0]
     assert run_cli(*common, "--out", tmp_path / "a", "--batch-size", 4) == 0
+    assert run_cli(*common, "--out", tmp_path / "a2", "--batch-size", 4) == 0
     assert run_cli(*common, "--out", tmp_path / "b", "--batch-size", 1) == 0
     assert run_cli(*common, "--out", tmp_path / "c", "--seed", 99) == 0
-    np.testing.assert_array_equal(_pixels(tmp_path / "a"), _pixels(tmp_path / "b"))
-    assert not np.array_equal(_pixels(tmp_path / "a"), _pixels(tmp_path / "c"))
+    np.testing.assert_array_equal(_pixels(tmp_path / "a"), _pixels(tmp_path / "a2"))  # bit-identical
+    # Other batch sizes only change float summation order in the kernels: at most 1/255 apart.
+    assert np.abs(_pixels(tmp_path / "a").astype(int) - _pixels(tmp_path / "b").astype(int)).max() <= 1
+    assert np.abs(_pixels(tmp_path / "a").astype(int) - _pixels(tmp_path / "c").astype(int)).max() > 10
 
 
 def test_sampler_log_probs_are_finite_with_eta(tiny_pipe):

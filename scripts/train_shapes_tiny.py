@@ -35,6 +35,14 @@ log = logging.getLogger("train_shapes_tiny")
 ASSETS = Path(__file__).resolve().parents[1] / "rewardtune" / "assets"
 
 
+def _log_offset(path: Path) -> tuple[int, float]:
+    """Step and seconds to continue a resumed stage's log from (0, 0 for a fresh log)."""
+    if not path.exists():
+        return 0, 0.0
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    return (lines[-1]["step"] + 1, lines[-1]["seconds"]) if lines else (0, 0.0)
+
+
 def _log_step(fh, step: int, t0: float, **values) -> None:
     record = {"step": step, "seconds": round(time.time() - t0, 1), **{k: round(float(v), 6) for k, v in values.items()}}
     fh.write(json.dumps(record) + "\n")
@@ -98,7 +106,8 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, resume: bool = Fals
     vae = AutoencoderKL.from_pretrained(work / "vae") if resume else tiny_models.vae_model()
     base_lr = 4e-4 if resume else 1e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=base_lr, weight_decay=0.0)
-    t0 = time.time()
+    step0, seconds0 = _log_offset(work / "vae_log.jsonl") if resume else (0, 0.0)
+    t0 = time.time() - seconds0
     with open(work / "vae_log.jsonl", "a" if resume else "w") as fh:
         for step in range(steps):
             _cosine_lr(opt, step, steps, base_lr)
@@ -113,7 +122,7 @@ def train_vae(work: Path, steps: int, batch: int, seed: int, resume: bool = Fals
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
             opt.step()
             if step % 50 == 0 or step == steps - 1:
-                _log_step(fh, step, t0, loss=loss.item(), recon=rec.item(), kl=kl.item())
+                _log_step(fh, step0 + step, t0, loss=loss.item(), recon=rec.item(), kl=kl.item())
     with torch.no_grad():
         latents = torch.cat([vae.encode(data.images[i:i + 512] * 2 - 1).latent_dist.mean for i in range(0, 4096, 512)])
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
@@ -142,7 +151,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int) -> None:
     text_encoder = CLIPTextModel.from_pretrained(work / "clip").eval().requires_grad_(False)
     lat_mean, lat_std = _encode_dataset(vae, data.images)
     scale = vae.config.scaling_factor
-    scheduler = DDPMScheduler(**tiny_models.scheduler_config())
+    scheduler = DDPMScheduler.from_config(tiny_models.scheduler_config())  # ignores the DDIM-only keys
     torch.manual_seed(seed)
     unet = tiny_models.unet_model()
     ema = copy.deepcopy(unet).requires_grad_(False)
@@ -173,7 +182,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int) -> None:
                     p_ema.lerp_(p, 1 - decay)
             if step % 50 == 0 or step == steps - 1:
                 _log_step(fh, step, t0, loss=loss.item())
-            if step % 2000 == 1999:
+            if step % 800 == 799:
                 ema.save_pretrained(work / "unet")
     ema.save_pretrained(work / "unet")
     plot_curves(work / "unet_log.jsonl", ["loss"], work / "unet_curve.png", title="tiny UNet (eps MSE)", smooth=20)
@@ -296,7 +305,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.work.mkdir(parents=True, exist_ok=True)
-    defaults = {"clip": (2500, 128), "vae": (2000, 32), "unet": (7000, 64)}
+    defaults = {"clip": (2500, 128), "vae": (2000, 32), "unet": (3200, 64)}
     if args.stage == "assemble":
         assemble(args.work, args.assets)
         return

@@ -1,12 +1,11 @@
 """Train ``shapes_preference``, the shapes world's learned proxy reward, and measure it against gold.
 
-    python scripts/train_shapes_rewards.py [--steps 1500] [--generated 0]
+    python scripts/train_shapes_rewards.py [--steps 1500]
 
 Like HPSv2 and PickScore, which learn from noisy human choices between two images of the same prompt, the proxy
 learns from **noisy pairwise labels**: for two images of one prompt, "a is preferred" is drawn with probability
 ``sigmoid((gold_a - gold_b) / temperature)``. Candidate images are renders whose attributes partly match the prompt,
-half of them passed through the shapes-tiny VAE (generated images look like that), plus optional shapes-tiny
-samples (``--generated N``). The tiny CLIP is finetuned with a preference head (Bradley-Terry loss). Held-out
+half of them passed through the shapes-tiny VAE (generated images look like that). The tiny CLIP is finetuned with a preference head (Bradley-Terry loss). Held-out
 pairwise accuracy against gold (and the accuracy of the noisy labels themselves, the "single human" row) goes to
 BENCHMARKS.md; the model is written to rewardtune/assets/shapes-preference.
 """
@@ -86,7 +85,7 @@ def train(args) -> None:
     from diffusers import AutoencoderKL
 
     torch.manual_seed(args.seed)
-    vae = AutoencoderKL.from_pretrained(ASSETS / "shapes-tiny" / "vae").eval()
+    vae = AutoencoderKL.from_pretrained(args.vae).eval()
     train_prompts = read_prompts(ASSETS / "prompts" / "shapes_large.txt")
     data = make_pairs(train_prompts, args.pairs, args.seed, vae, args.temperature)
     heldout = make_pairs(read_prompts(ASSETS / "prompts" / "shapes_heldout.txt"), 2000, args.seed + 1, vae,
@@ -172,6 +171,7 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("build/shapes"))
+    parser.add_argument("--vae", type=Path, default=ASSETS / "shapes-tiny" / "vae", help="VAE for the reconstructions")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     train(args)

@@ -197,6 +197,15 @@ def clip_image_processor():
                               image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
 
 
+def copy_bpe_files(source: Path, folder: Path) -> None:
+    """Keep CLIP's original ``vocab.json`` + ``merges.txt`` next to ``tokenizer.json``: transformers 5 writes only
+    the latter, while older transformers and other CLIP tokenizers read the BPE files (the real SD layout)."""
+    import shutil
+
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copy(source / name, folder / name)
+
+
 def assemble(work: Path, assets: Path = ASSETS) -> None:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
@@ -214,6 +223,8 @@ def assemble(work: Path, assets: Path = ASSETS) -> None:
     CLIPModel.from_pretrained(work / "clip").save_pretrained(assets / "shapes-clip")
     tokenizer.save_pretrained(assets / "shapes-clip")
     clip_image_processor().save_pretrained(assets / "shapes-clip")
+    for folder in (assets / "shapes-tiny" / "tokenizer", assets / "shapes-clip"):
+        copy_bpe_files(work / "clip", folder)
     log.info("wrote %s and %s", assets / "shapes-tiny", assets / "shapes-clip")
 
 

@@ -1,0 +1,199 @@
+"""Rollouts of one online epoch (PRDP Algorithm 1, "sample B trajectories per prompt from the snapshot and
+query rewards"): trajectories with their per-step log-probs under the snapshot and the reference model, images and
+rewards, in one container with documented shapes.
+
+Sample ``i`` belongs to prompt group ``i // B`` (group-major order) and is drawn from its own seed.
+
+The reference model ``pi_ref`` of PRDP's log-ratios (Eq. 10) is one of:
+
+* ``None``: the snapshot *is* the reference (epoch 0 of a run); ``log_probs_ref`` is ``log_probs_old`` (the same
+  tensor, no second pass);
+* ``ADAPTERS_DISABLED``: the same UNet with its peft (LoRA) adapters switched off, i.e. the base model, with no
+  second model in memory;
+* a module: a frozen reference UNet (full finetuning).
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence, Union
+
+import torch
+
+from rewardtune.diffusion.sampling import decode_latents, encode_prompts, generators_for, sample_trajectories
+from rewardtune.finetune.config import SamplingConfig
+from rewardtune.finetune.update import trajectory_log_probs
+
+logger = logging.getLogger(__name__)
+
+ADAPTERS_DISABLED = "adapters_disabled"
+Reference = Union[torch.nn.Module, Literal["adapters_disabled"], None]
+
+
+@dataclass
+class Rollouts:
+    """N prompt groups of B samples over T steps (``S = N*B`` samples).
+
+    prompts: ``[S]`` prompt of each sample. group: ``[S]`` long, its prompt group in ``[0, N)``.
+    latents: ``[S,T+1,C,h,w]`` (``x_T`` first, ``x_0`` last). timesteps: ``[T]`` in sampling order.
+    log_probs_old: ``[S,T]`` ``log p_old(x_{t-1}|x_t,c)`` recorded while sampling from the snapshot.
+    log_probs_ref: ``[S,T]`` the same transitions under the reference model.
+    prompt_embeds: ``[N,L,D]`` one per group. negative_embeds: ``[1,L,D]``, or None without CFG.
+    rewards: ``[S]`` (on the latents' device). reward_components: ``{name: [S]}``.
+    images: ``[S,3,H,W]`` in [0,1], on the CPU. seeds: ``[S]``.
+    """
+
+    prompts: list[str]
+    group: torch.Tensor
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    log_probs_old: torch.Tensor
+    log_probs_ref: torch.Tensor
+    prompt_embeds: torch.Tensor
+    negative_embeds: torch.Tensor | None
+    rewards: torch.Tensor
+    images: torch.Tensor
+    seeds: list[int]
+    images_per_prompt: int
+    reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_samples(self) -> int:
+        return self.latents.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def num_groups(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+
+def has_adapters(model: torch.nn.Module) -> bool:
+    """True when ``model`` holds peft tuner layers (e.g. after ``unet.add_adapter(LoraConfig(...))``)."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:
+        return False
+    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
+
+
+@contextmanager
+def adapters_disabled(model: torch.nn.Module):
+    """Run ``model`` as its base model: every peft tuner layer off inside the block, and on exit each layer's
+    previous on/off state and every parameter's ``requires_grad`` restored (peft's toggle changes both)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise ValueError("reference 'adapters_disabled' needs a UNet with peft (LoRA) adapters; pass a frozen "
+                         "reference UNet instead for full finetuning")
+    grads = [(p, p.requires_grad) for p in model.parameters()]
+    states = [(layer, layer.disable_adapters) for layer in layers]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield model
+    finally:
+        for layer, was_disabled in states:
+            layer.enable_adapters(not was_disabled)
+        for param, flag in grads:
+            param.requires_grad_(flag)
+
+
+@torch.no_grad()
+def reference_log_probs(unet, scheduler, rollouts: Rollouts, reference: Reference, cfg: SamplingConfig
+                        ) -> torch.Tensor:
+    """``[S,T]`` log-probs of the recorded transitions under ``reference`` (see the module docstring), in UNet
+    calls of ``cfg.batch_size`` (sample, step) pairs."""
+    if reference is None:
+        return rollouts.log_probs_old
+    every = torch.arange(rollouts.num_samples)
+    steps = torch.arange(rollouts.num_steps)
+    if isinstance(reference, str):
+        if reference != ADAPTERS_DISABLED:
+            raise ValueError(f"unknown reference {reference!r}; use None, {ADAPTERS_DISABLED!r} or a UNet")
+        with adapters_disabled(unet):
+            return trajectory_log_probs(unet, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta,
+                                        cfg.batch_size)
+    return trajectory_log_probs(reference, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta, cfg.batch_size)
+
+
+def epoch_reference(epoch: int, reference: Reference) -> Reference:
+    """What to pass as ``reference`` at ``epoch`` (0-based) of a run that starts at the reference model: None at
+    epoch 0, where no update has happened and the snapshot is the reference (no second pass)."""
+    return None if epoch == 0 else reference
+
+
+def _score(reward: Callable, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:
+    """``[b]`` rewards of ``images [b,3,H,W]`` and the reward's components of this call."""
+    device = getattr(reward, "device", images.device)
+    scores = reward(images.to(device), prompts).detach().float().reshape(-1)
+    components = {k: v.detach().float().reshape(-1) for k, v in getattr(reward, "components", {}).items()}
+    return scores, components
+
+
+def _concat_components(parts: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+    """Concatenate per-chunk components; names missing from some chunk are dropped."""
+    names = set(parts[0]).intersection(*parts[1:]) if parts else set()
+    return {name: torch.cat([p[name].to(device) for p in parts]) for name in sorted(names)}
+
+
+@torch.no_grad()
+def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: SamplingConfig, reward: Callable,
+                     seeds: int | Sequence[int], reference: Reference = None) -> Rollouts:
+    """Sample ``B = images_per_prompt`` trajectories per prompt with ``pipe.unet`` (the snapshot) and score them.
+
+    Args:
+        prompts: N prompts (the epoch's groups).
+        reward: ``reward(images [b,3,H,W] in [0,1], prompts) -> [b]`` (e.g. ``load_reward(spec)``).
+        seeds: one per sample (``N*B``, group-major) or an int ``s`` meaning ``s, s+1, ...``.
+        reference: see the module docstring.
+
+    Sampling runs in chunks of ``cfg.batch_size`` samples, each a batched :func:`sample_trajectories` call.
+    """
+    prompts = list(prompts)
+    if not prompts or images_per_prompt < 1:
+        raise ValueError(f"need at least one prompt and one image per prompt, got {len(prompts)} x {images_per_prompt}")
+    total = len(prompts) * images_per_prompt
+    seeds = list(range(seeds, seeds + total)) if isinstance(seeds, int) else [int(s) for s in seeds]
+    if len(seeds) != total:
+        raise ValueError(f"need one seed per sample: {len(prompts)} prompts x {images_per_prompt} = {total}, "
+                         f"got {len(seeds)}")
+    device = pipe.unet.device
+    prompt_embeds = encode_prompts(pipe, prompts)
+    negative = encode_prompts(pipe, [cfg.negative_prompt]) if cfg.guidance != 1.0 else None
+    group = torch.arange(len(prompts), device=device).repeat_interleave(images_per_prompt)
+    sample_prompts = [prompts[int(g)] for g in group.tolist()]
+    latents, log_probs, rewards, images, components = [], [], [], [], []
+    for start in range(0, total, cfg.batch_size):
+        part = slice(start, start + cfg.batch_size)
+        embeds = prompt_embeds[group[part]]
+        trajectory = sample_trajectories(pipe, embeds, None if negative is None else negative.expand_as(embeds),
+                                         generators_for(seeds[part], device), steps=cfg.steps,
+                                         guidance=cfg.guidance, eta=cfg.eta)
+        decoded = decode_latents(pipe, trajectory.final)
+        scores, parts = _score(reward, decoded, sample_prompts[part])
+        latents.append(trajectory.latents)
+        log_probs.append(trajectory.log_probs)
+        rewards.append(scores.to(device))
+        images.append(decoded.cpu())
+        components.append(parts)
+    log_probs_old = torch.cat(log_probs)
+    rollouts = Rollouts(
+        prompts=sample_prompts, group=group, latents=torch.cat(latents), timesteps=trajectory.timesteps,
+        log_probs_old=log_probs_old, log_probs_ref=log_probs_old, prompt_embeds=prompt_embeds,
+        negative_embeds=negative, rewards=torch.cat(rewards), images=torch.cat(images), seeds=seeds,
+        images_per_prompt=images_per_prompt, reward_components=_concat_components(components, device))
+    rollouts.log_probs_ref = reference_log_probs(pipe.unet, pipe.scheduler, rollouts, reference, cfg)
+    bad = int((~torch.isfinite(rollouts.rewards)).sum())
+    if bad:
+        logger.warning("%d of %d rewards are not finite; gradient steps on their minibatches will be skipped",
+                       bad, total)
+    logger.info("collected %d rollouts (%d prompts x %d), mean reward %.4g", total, len(prompts),
+                images_per_prompt, rollouts.rewards[torch.isfinite(rollouts.rewards)].mean().item() if bad < total
+                else float("nan"))
+    return rollouts

@@ -1,0 +1,250 @@
+"""The inner loop of one online epoch (PRDP Algorithm 1, lines "for k = 1..K"): recompute per-step log-probs of
+the recorded transitions under the current model and take gradient steps on the algorithm's loss.
+
+Batching of the recomputation: a minibatch of n samples x k steps is flattened into n*k (sample, step) pairs and
+scored in UNet calls of at most ``forward_chunk`` pairs, each pair with its own timestep (the UNet and
+:func:`ddim_step_with_logprob` take per-sample timesteps). One call thus covers many samples *and* steps, which
+also serves DDPO's independent per-sample timestep shuffles.
+
+Exact chunked gradient: PRDP's loss is not a sum over steps (it squares means over T of log-ratios), so a
+minibatch larger than one UNet call cannot simply accumulate per-chunk losses. Instead, when n*k exceeds
+``forward_chunk``: (1) compute all log-probs ``l`` without a graph, (2) evaluate the loss on a detached copy and
+take ``g = dL/dl`` (cheap, no UNet), (3) recompute each chunk with a graph and backpropagate ``sum(l_chunk *
+g_chunk)``. By the chain rule this is exactly ``dL/dtheta``, with the memory of one chunk and about 4/3 the compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from rewardtune.diffusion.logprob import ddim_step_with_logprob
+from rewardtune.diffusion.sampling import predict_noise
+
+if TYPE_CHECKING:
+    from rewardtune.finetune.algorithms import Algorithm
+    from rewardtune.finetune.config import FinetuneConfig, OptimConfig
+    from rewardtune.finetune.rollout import Rollouts
+
+logger = logging.getLogger(__name__)
+
+
+def model_dtype(unet) -> torch.dtype:
+    """Input dtype of ``unet`` (a diffusers model, or a wrapper such as DDP whose ``.module`` is one)."""
+    inner = getattr(unet, "module", unet)
+    return getattr(inner, "dtype", None) or next(inner.parameters()).dtype
+
+
+def sync_timesteps(scheduler, timesteps: torch.Tensor) -> None:
+    """Put ``scheduler`` on the recorded ``timesteps [T]`` (set_timesteps(T)); raise if they cannot match."""
+    steps = len(timesteps)
+    current = getattr(scheduler, "timesteps", None)
+    if scheduler.num_inference_steps != steps or current is None or not torch.equal(current.cpu(), timesteps.cpu()):
+        scheduler.set_timesteps(steps, device=timesteps.device)
+    if not torch.equal(scheduler.timesteps.cpu(), timesteps.cpu()):
+        raise ValueError(f"the scheduler's {steps} timesteps {scheduler.timesteps.tolist()} differ from the "
+                         f"recorded ones {timesteps.tolist()}; use the scheduler that sampled the rollouts")
+
+
+def pair_log_probs(unet, scheduler, rollouts: Rollouts, samples: torch.Tensor, steps: torch.Tensor,
+                   guidance: float, eta: float) -> torch.Tensor:
+    """``log p_theta(x_{t-1} | x_t, c)`` of P recorded transitions in one (CFG-batched) UNet call.
+
+    Args:
+        samples, steps: ``[P]`` sample indices and step indices (step j scores ``latents[:, j] -> latents[:, j+1]``
+            at ``timesteps[j]``); pairs may mix samples and steps freely.
+
+    Returns:
+        ``[P]`` log-probs, averaged over latent dimensions (Eqs. 2-4 with the DDPO/PRDP normalisation).
+    """
+    device = rollouts.latents.device
+    samples, steps = samples.to(device), steps.to(device)
+    x_t = rollouts.latents[samples, steps]
+    x_prev = rollouts.latents[samples, steps + 1]
+    t = rollouts.timesteps.to(device)[steps]
+    dtype = model_dtype(unet)
+    embeds = rollouts.prompt_embeds[rollouts.group[samples]].to(dtype)
+    negative = rollouts.negative_embeds
+    if negative is not None:
+        negative = negative.to(dtype).expand(len(samples), -1, -1)
+    model_in = scheduler.scale_model_input(x_t, t).to(dtype)
+    noise = predict_noise(unet, model_in, t, embeds, negative, guidance)
+    _, log_prob = ddim_step_with_logprob(scheduler, noise, t, x_t, eta=eta, prev_sample=x_prev)
+    return log_prob
+
+
+def trajectory_log_probs(unet, scheduler, rollouts: Rollouts, index: torch.Tensor, step_indices: torch.Tensor,
+                         guidance: float, eta: float, chunk: int | None = None) -> torch.Tensor:
+    """Recompute per-step log-probs ``[n,k]`` of samples ``index [n]`` at steps ``step_indices`` (``[n,k]``, one
+    row of steps per sample, or ``[k]`` shared by all), in UNet calls of at most ``chunk`` (sample, step) pairs.
+
+    Differentiable when called with grad enabled (all chunks stay in the graph; see the module docstring for
+    the memory-bounded gradient).
+    """
+    sync_timesteps(scheduler, rollouts.timesteps)
+    index = torch.as_tensor(index).long().cpu()
+    step_indices = torch.as_tensor(step_indices).long().cpu()
+    if step_indices.ndim == 1:
+        step_indices = step_indices.expand(len(index), -1)
+    n, k = step_indices.shape
+    samples, steps = index[:, None].expand(n, k).reshape(-1), step_indices.reshape(-1)
+    chunk = chunk or len(samples)
+    parts = [pair_log_probs(unet, scheduler, rollouts, samples[i:i + chunk], steps[i:i + chunk], guidance, eta)
+             for i in range(0, len(samples), chunk)]
+    return torch.cat(parts).reshape(n, k)
+
+
+@dataclass
+class Minibatch:
+    """One gradient step's data: ``index [n]`` sample indices and ``steps [n,k]`` the steps trained per sample.
+
+    For algorithms whose loss couples a prompt group, ``index`` holds whole groups, each group's B samples
+    contiguous and in group order, so ``[n] -> [G,B]`` is a plain reshape.
+    """
+
+    index: torch.Tensor
+    steps: torch.Tensor
+
+
+def plan_minibatches(num_groups: int, group_size: int, num_steps: int, cfg: FinetuneConfig, whole_groups: bool,
+                     generator: torch.Generator) -> list[list[Minibatch]]:
+    """K passes (``cfg.inner_steps``) over the ``num_groups * group_size`` samples of an epoch.
+
+    Each pass shuffles the order (of groups when ``whole_groups``, of single samples otherwise), gives every sample
+    its own random permutation of the T steps truncated to ``max(1, int(T * timestep_fraction))`` (as
+    ddpo-pytorch), and cuts the order into minibatches of ``groups_per_update * group_size`` samples.
+    """
+    total = num_groups * group_size
+    per_update = (cfg.groups_per_update or num_groups) * group_size
+    k = max(1, int(num_steps * cfg.timestep_fraction))
+    passes = []
+    for _ in range(cfg.inner_steps):
+        if whole_groups:
+            groups = torch.randperm(num_groups, generator=generator)
+            order = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
+        else:
+            order = torch.randperm(total, generator=generator)
+        steps = torch.argsort(torch.rand(total, num_steps, generator=generator), dim=1)[:, :k]
+        passes.append([Minibatch(order[i:i + per_update], steps[order[i:i + per_update]])
+                       for i in range(0, total, per_update)])
+    return passes
+
+
+def make_optimizer(parameters, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable ``parameters`` (PRDP Table 4: lr 1e-5, weight decay 1e-4)."""
+    params = [p for p in parameters if p.requires_grad]
+    if not params:
+        raise ValueError("no trainable parameters: unfreeze the UNet (or add a LoRA adapter) before finetuning")
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
+def _loss_and_backward(unet, scheduler, rollouts: Rollouts, batch: Minibatch, loss_fn: Callable, cfg: FinetuneConfig,
+                       backward: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Loss of ``batch`` and, if it is finite, its gradient in the parameters' ``.grad``.
+
+    Returns ``(loss, clipfrac, log_probs [n,k] detached)``.
+    """
+    guidance, eta, chunk = cfg.sampling.guidance, cfg.sampling.eta, cfg.forward_chunk
+    if batch.steps.numel() <= chunk:  # one UNet call: plain backward
+        log_probs = trajectory_log_probs(unet, scheduler, rollouts, batch.index, batch.steps, guidance, eta)
+        loss, clipfrac = loss_fn(log_probs)
+        if torch.isfinite(loss):
+            backward(loss)
+        return loss.detach(), clipfrac.detach(), log_probs.detach()
+    with torch.no_grad():  # pass 1: values only
+        values = trajectory_log_probs(unet, scheduler, rollouts, batch.index, batch.steps, guidance, eta, chunk)
+    leaf = values.clone().requires_grad_(True)
+    loss, clipfrac = loss_fn(leaf)
+    if not torch.isfinite(loss):
+        return loss.detach(), clipfrac.detach(), values
+    (weights,) = torch.autograd.grad(loss, leaf)  # dL/dl, [n,k]
+    n, k = batch.steps.shape
+    samples = batch.index[:, None].expand(n, k).reshape(-1)
+    steps, weights = batch.steps.reshape(-1), weights.reshape(-1)
+    for i in range(0, len(samples), chunk):  # pass 2: chunk by chunk with a graph
+        part = pair_log_probs(unet, scheduler, rollouts, samples[i:i + chunk], steps[i:i + chunk], guidance, eta)
+        backward((part * weights[i:i + chunk].to(part.dtype)).sum())
+    return loss.detach(), clipfrac.detach(), values
+
+
+def gradient_step(unet, optimizer, scheduler, rollouts: Rollouts, batch: Minibatch, targets: torch.Tensor,
+                  cfg: FinetuneConfig, algorithm: Algorithm, backward: Callable, clip_grad_norm: Callable
+                  ) -> dict[str, float]:
+    """One optimiser step on ``batch``; a non-finite loss or gradient norm is skipped (no update, grads cleared).
+
+    Returns ``{loss, clipfrac, approx_kl, grad_norm, skipped}``; ``approx_kl = 0.5 * mean((l - l_old)^2)``.
+    """
+    sync_timesteps(scheduler, rollouts.timesteps)
+    device = rollouts.log_probs_old.device
+    rows, cols = batch.index[:, None].to(device), batch.steps.to(device)
+    old, ref = rollouts.log_probs_old[rows, cols], rollouts.log_probs_ref[rows, cols]
+    batch_targets = targets.to(device)[batch.index.to(device)]
+    optimizer.zero_grad(set_to_none=True)
+    loss, clipfrac, log_probs = _loss_and_backward(
+        unet, scheduler, rollouts, batch, lambda lp: algorithm.loss(lp, old, ref, batch_targets), cfg, backward)
+    approx_kl = 0.5 * ((log_probs - old) ** 2).mean()
+    record = {"loss": loss.item(), "clipfrac": clipfrac.item(), "approx_kl": approx_kl.item(),
+              "grad_norm": float("nan"), "skipped": 0.0}
+    if not math.isfinite(record["loss"]):
+        optimizer.zero_grad(set_to_none=True)
+        return {**record, "skipped": 1.0}
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    record["grad_norm"] = float(clip_grad_norm(params, cfg.optim.max_grad_norm))
+    if not math.isfinite(record["grad_norm"]):
+        optimizer.zero_grad(set_to_none=True)
+        return {**record, "skipped": 1.0}
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return record
+
+
+def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algorithm: Algorithm, *, scheduler,
+                 generator: torch.Generator | None = None, backward: Callable | None = None,
+                 clip_grad_norm: Callable | None = None) -> dict[str, float]:
+    """K passes of gradient steps over one epoch's rollouts (Algorithm 1's inner loop).
+
+    Args:
+        unet: the trained model (possibly wrapped, e.g. by accelerate); its forward is what gets differentiated.
+        optimizer: over the trainable parameters (:func:`make_optimizer`).
+        rollouts: from :func:`rewardtune.finetune.rollout.collect_rollouts` with the same sampling config.
+        algorithm: an entry of :data:`rewardtune.finetune.algorithms.ALGORITHMS` (per-sample targets and loss).
+        scheduler: the DDIM scheduler that sampled ``rollouts``.
+        generator: CPU generator for the minibatch shuffles (default: seeded with ``cfg.seed``).
+        backward, clip_grad_norm: hooks, e.g. ``accelerator.backward`` and ``accelerator.clip_grad_norm_``.
+
+    Returns:
+        Means over applied steps of ``loss``, ``clipfrac``, ``approx_kl``, ``grad_norm``; counts ``steps``
+        (applied) and ``skipped`` (non-finite loss or gradient); ``nonfinite_targets``.
+
+    The algorithm's targets are computed once per call (this updates DDPO's stat tracker): call it once per epoch.
+    """
+    if (rollouts.num_groups, rollouts.images_per_prompt) != (cfg.prompts_per_epoch, cfg.images_per_prompt):
+        raise ValueError(f"rollouts hold {rollouts.num_groups} prompts x {rollouts.images_per_prompt} images but the "
+                         f"config says {cfg.prompts_per_epoch} x {cfg.images_per_prompt}; collect them with this config")
+    generator = generator or torch.Generator().manual_seed(cfg.seed)
+    backward = backward or (lambda loss: loss.backward())
+    clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_
+    targets = algorithm.targets(rollouts)
+    passes = plan_minibatches(rollouts.num_groups, rollouts.images_per_prompt, rollouts.num_steps, cfg,
+                              algorithm.whole_groups, generator)
+    records = [gradient_step(unet, optimizer, scheduler, rollouts, batch, targets, cfg, algorithm, backward,
+                             clip_grad_norm) for minibatches in passes for batch in minibatches]
+    return summarise(records, nonfinite_targets=int((~torch.isfinite(targets)).sum()))
+
+
+def summarise(records: list[dict[str, float]], nonfinite_targets: int = 0) -> dict[str, float]:
+    """Means of the applied steps' metrics (NaN when none was applied), plus step counts."""
+    applied = [r for r in records if not r["skipped"]]
+    out = {key: sum(r[key] for r in applied) / len(applied) if applied else float("nan")
+           for key in ("loss", "clipfrac", "approx_kl", "grad_norm")}
+    out.update(steps=len(applied), skipped=len(records) - len(applied), nonfinite_targets=nonfinite_targets)
+    if out["skipped"]:
+        logger.warning("skipped %d of %d gradient steps with a non-finite loss or gradient norm (%d non-finite "
+                       "targets)", out["skipped"], len(records), nonfinite_targets)
+    logger.info("update: %d steps, loss %.4g, clipfrac %.3f, approx_kl %.3g, grad_norm %.3g", out["steps"],
+                out["loss"], out["clipfrac"], out["approx_kl"], out["grad_norm"])
+    return out

@@ -21,6 +21,7 @@ Stable Diffusion 1.x/2.x pipelines given a hub id or a local folder.
 EPILOG = """\
 examples:
   rewardtune demo
+  rewardtune finetune configs/prdp/shapes_small.yaml epochs=20 output_dir=outputs/prdp resume=auto
   rewardtune sample --model shapes-tiny --prompt "a red circle" --num-images 8 --out samples/
   rewardtune sample --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --steps 50
   rewardtune score --reward shapes_gold --images samples/ --prompts samples/manifest.csv
@@ -100,6 +101,29 @@ def _cmd_demo(args) -> int:
     return 0
 
 
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="finetune a pipeline against a reward (PRDP, DDPO baseline)",
+                       description="Online reward finetuning. A YAML preset (e.g. configs/prdp/shapes_small.yaml), "
+                                   "then key=value overrides, e.g. `rewardtune finetune "
+                                   "configs/prdp/shapes_small.yaml epochs=2 output_dir=out/run resume=auto`. "
+                                   "Multi-process: `accelerate launch -m rewardtune finetune CONFIG`.")
+    p.add_argument("config", nargs="?", help="YAML preset (default: built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: train.optim.lr=1e-4)")
+    p.set_defaults(handler=_cmd_finetune)
+
+
+def _cmd_finetune(args) -> int:
+    from rewardtune.config import load_config
+    from rewardtune.finetune.run import RunConfig, run_finetune
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not Path(config).exists():
+        config, overrides = None, [config] + overrides
+    summary = run_finetune(load_config(RunConfig, config, overrides))
+    print("finetune: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    return 0
+
+
 def _add_score(sub) -> None:
     p = sub.add_parser("score", help="score images with a reward model or a weighted sum",
                        description="Score a folder or glob of images. --reward takes a registered name or a "
@@ -164,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rewardtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_sample, _add_score, _add_models):
+    for add in (_add_demo, _add_finetune, _add_sample, _add_score, _add_models):
         add(sub)
     return parser
 

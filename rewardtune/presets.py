@@ -12,10 +12,13 @@ SCHEMAS: Registry[type] = Registry("config job")
 
 def _register_builtin() -> None:
     from rewardtune.demo import DemoConfig
+    from rewardtune.finetune.run import RunConfig
     from rewardtune.sample import SampleConfig
 
     SCHEMAS.register("demo", DemoConfig)
     SCHEMAS.register("sample", SampleConfig)
+    SCHEMAS.register("prdp", RunConfig)
+    SCHEMAS.register("ddpo", RunConfig)
 
 
 _register_builtin()

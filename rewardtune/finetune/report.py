@@ -1,0 +1,151 @@
+"""What a finetuning run reports: per-epoch metrics records, ``metrics.jsonl``, the reward-curve plot, image grids
+of fixed evaluation prompts and seeds, and the held-out prompt reward."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rewardtune.finetune.config import SamplingConfig
+from rewardtune.utils.images import make_grid, save_png
+from rewardtune.utils.io import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+HELDOUT_SEED = 1_000_000  # held-out prompt i is drawn from seed HELDOUT_SEED + i every epoch
+CURVE_KEYS = ("reward_mean", "gold_reward", "heldout_reward", "heldout_gold")
+
+
+@dataclass
+class EvalSet:
+    """Fixed evaluation prompts x seeds of the image grids (one row per prompt, one column per seed)."""
+
+    prompts: list[str]
+    seeds: list[int]
+
+
+@torch.no_grad()
+def sample_images(pipe, prompts: list[str], seeds: list[int], sampling: SamplingConfig) -> torch.Tensor:
+    """Images ``[n,3,H,W]`` in [0,1] of ``prompts[i]`` from ``seeds[i]`` with the run's sampler settings."""
+    from rewardtune.sample import SampleConfig, generate_images
+
+    cfg = SampleConfig(steps=sampling.steps, guidance=sampling.guidance, eta=sampling.eta,
+                       batch_size=sampling.batch_size)
+    return generate_images(pipe, prompts, seeds, cfg)
+
+
+def save_eval_grid(pipe, evals: EvalSet, sampling: SamplingConfig, out: Path, epoch: int) -> Path:
+    """``out/grids/epoch_NNNN.png``: the evaluation prompts (rows) x seeds (columns) after ``epoch`` epochs."""
+    prompts = [p for p in evals.prompts for _ in evals.seeds]
+    seeds = [s for _ in evals.prompts for s in evals.seeds]
+    images = sample_images(pipe, prompts, seeds, sampling)
+    path = save_png(make_grid(images, ncol=len(evals.seeds)), Path(out) / "grids" / f"epoch_{epoch:04d}.png")
+    logger.info("wrote %s", path)
+    return path
+
+
+def score_heldout(session, prompts: list[str], sampling: SamplingConfig) -> dict[str, float]:
+    """Mean reward (and gold reward) of one image per held-out prompt, drawn from fixed seeds."""
+    images = sample_images(session.pipe, prompts, [HELDOUT_SEED + i for i in range(len(prompts))], sampling)
+    device = getattr(session.reward, "device", "cpu")
+    out = {"heldout_reward": _finite_mean(session.reward(images.to(device), prompts))}
+    if session.gold is not None:
+        out["heldout_gold"] = _finite_mean(session.gold(images.to(session.gold.device), prompts))
+    return out
+
+
+def _finite_mean(values: torch.Tensor) -> float:
+    values = values.detach().float().reshape(-1)
+    values = values[torch.isfinite(values)]
+    return values.mean().item() if len(values) else float("nan")
+
+
+def _gathered(accelerator, values: torch.Tensor) -> torch.Tensor:
+    """``[S]`` local values -> ``[P*S]`` from every process (the values themselves with one process)."""
+    if accelerator.num_processes == 1:
+        return values.detach().float().cpu()
+    return accelerator.gather(values.detach().float().contiguous()).cpu()
+
+
+def _reduced(accelerator, update: dict[str, float]) -> dict[str, float]:
+    """Mean over processes of the update metrics (counts are summed)."""
+    if accelerator.num_processes == 1:
+        return dict(update)
+    out = {}
+    for key, value in update.items():
+        tensor = torch.tensor(float(value), device=accelerator.device)
+        out[key] = accelerator.reduce(tensor, "sum" if key in ("steps", "skipped", "nonfinite_targets")
+                                      else "mean").item()
+    return out
+
+
+def epoch_metrics(epoch: int, accelerator, rollouts, gold: torch.Tensor | None, gold_components: dict,
+                  update: dict[str, float], heldout: dict[str, float], seconds: dict[str, float]) -> dict:
+    """One ``metrics.jsonl`` record (``epoch`` counts completed epochs, from 1).
+
+    Keys: reward_mean/std (finite rewards), nonfinite_rewards, reward_components {name: mean}, gold_reward and
+    gold_components (with a gold reward), heldout_reward/heldout_gold (with held-out prompts), the update's loss,
+    clipfrac, approx_kl, grad_norm, steps, skipped, nonfinite_targets, samples_per_s and seconds_{sampling,
+    reward,update}.
+    """
+    rewards = _gathered(accelerator, rollouts.rewards)
+    finite = rewards[torch.isfinite(rewards)]
+    record = {"epoch": epoch, "reward_mean": finite.mean().item() if len(finite) else float("nan"),
+              "reward_std": finite.std(unbiased=False).item() if len(finite) else float("nan"),
+              "nonfinite_rewards": int(len(rewards) - len(finite)),
+              "reward_components": {k: _finite_mean(_gathered(accelerator, v))
+                                    for k, v in rollouts.reward_components.items()}}
+    if gold is not None:
+        record["gold_reward"] = _finite_mean(_gathered(accelerator, gold))
+        record["gold_components"] = {k: _finite_mean(_gathered(accelerator, v)) for k, v in gold_components.items()}
+    record.update(heldout)
+    record.update(_reduced(accelerator, update))
+    total = sum(seconds.values())
+    record["samples_per_s"] = len(rewards) / total if total > 0 else float("nan")
+    record.update({f"seconds_{k}": v for k, v in seconds.items()})
+    if record["nonfinite_rewards"]:
+        logger.warning("epoch %d: %d non-finite rewards (left out of the statistics)", epoch,
+                       record["nonfinite_rewards"])
+    logger.info("epoch %d: reward %.4g +- %.3g, loss %.4g", epoch, record["reward_mean"], record["reward_std"],
+                record["loss"])
+    return record
+
+
+def _json_safe(value):
+    """NaN and infinities become null (JSON has no NaN); nested dicts are converted too."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def append_metrics(path: str | Path, record: dict) -> Path:
+    """Add ``record`` to the JSON-lines log, atomically; lines of this or later epochs (left by a run that
+    crashed after logging but before its checkpoint) are dropped first."""
+    kept = [r for r in read_metrics(path) if r.get("epoch", 0) < record["epoch"]]
+    lines = [json.dumps(_json_safe(r)) for r in kept + [record]]
+    return atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def plot_reward_curve(out: str | Path) -> Path | None:
+    """``out/reward_curve.png``: the reward curves present in ``out/metrics.jsonl`` against the epoch."""
+    from rewardtune.utils.plots import plot_curves
+
+    records = read_metrics(Path(out) / "metrics.jsonl")
+    keys = [k for k in CURVE_KEYS if any(r.get(k) is not None for r in records)]
+    if not keys:
+        return None
+    return plot_curves(Path(out) / "metrics.jsonl", keys, Path(out) / "reward_curve.png", title="reward", x="epoch")

@@ -1,0 +1,329 @@
+"""``rewardtune finetune``: the online finetuning run (PRDP Algorithm 1; DDPO in the same harness).
+
+Each epoch ``e`` (0-based):
+
+1. draw N prompts and N*B sample seeds from a generator seeded by ``(train.seed, e)`` (so a resumed run draws the
+   same ones as an uninterrupted run);
+2. sample B trajectories per prompt from the current model, which *is* the snapshot theta_old, recording per-step
+   log-probs under it and under the reference (the base UNet: a frozen copy for full finetuning, the same UNet
+   with its adapters off for LoRA; no second pass at epoch 0), and score the images with ``train.reward``;
+3. score the same images with ``gold_reward`` (logged only, never trained on);
+4. K passes of gradient steps (:func:`rewardtune.finetune.update.update_epoch`) with accelerate's backward and
+   gradient clipping;
+5. append one line to ``metrics.jsonl``, redraw ``reward_curve.png``; every ``save_every`` epochs write a
+   checkpoint (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the fixed evaluation prompts and seeds.
+
+With several processes (``accelerate launch -m rewardtune finetune CONFIG``) each process takes a contiguous
+block of N / P whole prompt groups; the UNet is wrapped by ``accelerator.prepare`` (DDP averages the gradients)
+and only the main process writes files.
+
+Run directory: ``config.yaml``, ``metrics.jsonl``, ``reward_curve.png``, ``grids/epoch_NNNN.png``,
+``checkpoints/epoch_N/``, ``final/`` (a pipeline folder, or LoRA weights for ``pipe.load_lora_weights``).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rewardtune.config import require, save_config
+from rewardtune.errors import UserError
+from rewardtune.finetune.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
+from rewardtune.finetune.config import FinetuneConfig
+from rewardtune.finetune.report import (EvalSet, append_metrics, epoch_metrics, plot_reward_curve, save_eval_grid,
+                                        score_heldout)
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+
+
+def _default_eval_prompts() -> list[str]:
+    return ["a red circle", "a blue square", "a green triangle", "a yellow circle on a black background"]
+
+
+@dataclass
+class RunConfig:
+    """One finetuning run. The trained reward and the seed are ``train.reward`` and ``train.seed``.
+
+    ``gold_reward``: a reward spec scored on every epoch's samples and the held-out prompts, never trained on.
+    ``prompts`` / ``prompts_file``: the training prompt set (inline, or a .txt/.csv/.jsonl file); exactly one.
+    ``heldout_prompts`` / ``heldout_prompts_file``: optional; the first ``heldout_count`` are sampled once per
+    epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
+    adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
+    checkpoint of ``output_dir``, or a fresh start) or a checkpoint folder. ``save_every``: checkpoint and grid
+    every that many epochs (and after the last); ``keep_last``: checkpoints kept.
+    """
+
+    model: str = "shapes-tiny"
+    gold_reward: str | None = None
+    prompts: list[str] | None = None
+    prompts_file: str | None = None
+    heldout_prompts: list[str] | None = None
+    heldout_prompts_file: str | None = None
+    heldout_count: int = 8
+    output_dir: str = "outputs/finetune"
+    epochs: int = 10
+    save_every: int = 5
+    keep_last: int = 2
+    resume: str | None = None
+    lora_rank: int | None = None
+    lora_alpha: float | None = None
+    eval_prompts: list[str] = field(default_factory=_default_eval_prompts)
+    eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
+    device: str = "cpu"
+    train: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self) -> None:
+        require(self.epochs >= 1, "epochs", "at least 1", self.epochs)
+        require(self.save_every >= 1, "save_every", "at least 1", self.save_every)
+        require(self.keep_last >= 1, "keep_last", "at least 1", self.keep_last)
+        require(self.heldout_count >= 1, "heldout_count", "at least 1", self.heldout_count)
+        require(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "null (full UNet) or at least 1",
+                self.lora_rank)
+        require(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "null or > 0", self.lora_alpha)
+        require((self.prompts is None) != (self.prompts_file is None), "prompts",
+                "set either prompts (a list) or prompts_file, exactly one", self.prompts)
+        require(not (self.heldout_prompts and self.heldout_prompts_file), "heldout_prompts",
+                "null when heldout_prompts_file is set (give one of them)", self.heldout_prompts)
+        require(bool(self.eval_prompts) and all(p.strip() for p in self.eval_prompts), "eval_prompts",
+                "a non-empty list of non-empty prompts", self.eval_prompts)
+        require(bool(self.eval_seeds) and all(s >= 0 for s in self.eval_seeds), "eval_seeds",
+                "a non-empty list of seeds >= 0", self.eval_seeds)
+        require(bool(str(self.output_dir).strip()), "output_dir", "a folder path", self.output_dir)
+
+
+@dataclass
+class RunPlan:
+    """What :func:`validate_run` resolved: prompt lists and the checkpoint to resume from (or None)."""
+
+    prompts: list[str]
+    heldout: list[str]
+    resume_from: Path | None
+
+
+def _prompt_list(inline: list[str] | None, path: str | None, key: str) -> list[str]:
+    from rewardtune.prompts import read_prompts
+
+    prompts = read_prompts(path) if path else [p.strip() for p in inline or []]
+    if not prompts or not all(prompts):
+        raise UserError(f"{key} is empty or holds an empty prompt; give at least one prompt")
+    return prompts
+
+
+def _check_reward_spec(spec: str, key: str) -> None:
+    from rewardtune.rewards import REWARDS, parse_spec
+
+    for name, _ in parse_spec(spec):
+        if name not in REWARDS:
+            raise UserError(f"{key}: unknown reward {name!r}; choose one of: {', '.join(REWARDS.names())}")
+
+
+def _check_model(model: str) -> None:
+    from rewardtune.diffusion.loading import resolve_model
+
+    source = Path(resolve_model(model))
+    if (source.is_absolute() or source.exists()) and not (source / "model_index.json").is_file():
+        raise UserError(f"model {model!r}: {str(source)!r} is not a diffusers pipeline folder (no model_index.json)")
+
+
+def validate_run(cfg: RunConfig, num_processes: int = 1) -> RunPlan:
+    """Every check that needs files or registries, done before any model is loaded or anything is written."""
+    train = cfg.train
+    _check_reward_spec(train.reward, "train.reward")
+    if cfg.gold_reward is not None:
+        _check_reward_spec(cfg.gold_reward, "gold_reward")
+    _check_model(cfg.model)
+    prompts = _prompt_list(cfg.prompts, cfg.prompts_file, "prompts")
+    has_heldout = cfg.heldout_prompts or cfg.heldout_prompts_file
+    heldout = _prompt_list(cfg.heldout_prompts, cfg.heldout_prompts_file, "heldout_prompts") if has_heldout else []
+    groups = train.groups_per_update
+    if train.prompts_per_epoch % num_processes or (groups and groups % num_processes):
+        raise UserError(f"train.prompts_per_epoch={train.prompts_per_epoch} (and groups_per_update) must divide "
+                        f"evenly over {num_processes} processes: prompt groups are never split")
+    out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"output_dir {str(out)!r} exists and is not a folder")
+    if cfg.resume is None and (out / "metrics.jsonl").exists():
+        raise UserError(f"output_dir {str(out)!r} already holds a run; pass resume=auto to continue it or choose "
+                        "a new output_dir")
+    return RunPlan(prompts, heldout[:cfg.heldout_count], resolve_resume(cfg.resume, out))
+
+
+@dataclass
+class Session:
+    """The live objects of a run (built once by :func:`build_session`)."""
+
+    pipe: object
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    algorithm: object
+    reference: object
+    reward: object
+    gold: object | None
+    accelerator: object
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_session(cfg: RunConfig, accelerator) -> Session:
+    """Pipeline (VAE and text encoder frozen), trainable UNet or LoRA adapters, reference, optimizer, rewards."""
+    from rewardtune.diffusion.loading import load_pipeline
+    from rewardtune.finetune.algorithms import make_algorithm
+    from rewardtune.finetune.rollout import ADAPTERS_DISABLED
+    from rewardtune.finetune.update import make_optimizer
+    from rewardtune.rewards import load_reward
+
+    device = str(accelerator.device)
+    pipe = load_pipeline(cfg.model, device=device)
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    if cfg.lora_rank:
+        from peft import LoraConfig
+
+        pipe.unet.requires_grad_(False)
+        pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                         init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        reference = ADAPTERS_DISABLED
+    else:
+        reference = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+    optimizer = make_optimizer(pipe.unet.parameters(), cfg.train.optim)
+    unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+    reward = load_reward(cfg.train.reward, device=device).to(device).eval()
+    gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
+    return Session(pipe, unet, optimizer, make_algorithm(cfg.train), reference, reward, gold, accelerator)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """CPU generator of epoch ``epoch``'s prompt, seed and minibatch draws; independent of the run's history."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def draw_epoch(prompts: list[str], cfg: FinetuneConfig, generator: torch.Generator) -> tuple[list[str], list[int]]:
+    """N prompts (without replacement when the set is large enough) and ``N*B`` sample seeds (group-major)."""
+    n = cfg.prompts_per_epoch
+    if n <= len(prompts):
+        index = torch.randperm(len(prompts), generator=generator)[:n]
+    else:
+        index = torch.randint(len(prompts), (n,), generator=generator)
+    seeds = torch.randint(0, 2**31 - 1, (n * cfg.images_per_prompt,), generator=generator)
+    return [prompts[i] for i in index.tolist()], seeds.tolist()
+
+
+def local_config(cfg: FinetuneConfig, num_processes: int) -> FinetuneConfig:
+    """This process's share: ``N / P`` prompt groups (and ``groups_per_update / P``)."""
+    if num_processes == 1:
+        return cfg
+    groups = cfg.groups_per_update and cfg.groups_per_update // num_processes
+    return dataclasses.replace(cfg, prompts_per_epoch=cfg.prompts_per_epoch // num_processes,
+                               groups_per_update=groups)
+
+
+class TimedReward:
+    """Wraps a reward and adds up the seconds spent in its calls (to split sampling from scoring time)."""
+
+    def __init__(self, reward) -> None:
+        self.reward, self.seconds = reward, 0.0
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self.reward(images, prompts)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    @property
+    def components(self) -> dict[str, torch.Tensor]:
+        return getattr(self.reward, "components", {})
+
+    @property
+    def device(self):
+        return getattr(self.reward, "device", torch.device("cpu"))
+
+
+def run_epoch(session: Session, cfg: RunConfig, plan: RunPlan, epoch: int) -> dict:
+    """One online epoch (steps 1-4 of the module docstring); returns the gathered metrics record."""
+    from rewardtune.finetune.rollout import collect_rollouts, epoch_reference
+    from rewardtune.finetune.update import update_epoch
+
+    acc, train = session.accelerator, cfg.train
+    generator = epoch_generator(train.seed, epoch)
+    prompts, seeds = draw_epoch(plan.prompts, train, generator)
+    local = local_config(train, acc.num_processes)
+    n, b = local.prompts_per_epoch, train.images_per_prompt
+    prompts = prompts[acc.process_index * n:(acc.process_index + 1) * n]
+    seeds = seeds[acc.process_index * n * b:(acc.process_index + 1) * n * b]
+    reward, start = TimedReward(session.reward), time.perf_counter()
+    rollouts = collect_rollouts(session.pipe, prompts, b, train.sampling, reward, seeds,
+                                reference=epoch_reference(epoch, session.reference))
+    gold = TimedReward(session.gold) if session.gold is not None else None
+    gold_scores = gold(rollouts.images.to(gold.device), rollouts.prompts) if gold else None
+    gold_components = dict(gold.components) if gold else {}  # before held-out scoring overwrites them
+    sampled = time.perf_counter()
+    update = update_epoch(session.unet, session.optimizer, rollouts, local, session.algorithm,
+                          scheduler=session.pipe.scheduler, generator=generator, backward=acc.backward,
+                          clip_grad_norm=acc.clip_grad_norm_)
+    updated = time.perf_counter()
+    reward_seconds = reward.seconds + (gold.seconds if gold else 0.0)
+    seconds = {"sampling": sampled - start - reward_seconds, "reward": reward_seconds, "update": updated - sampled}
+    heldout = score_heldout(session, plan.heldout, train.sampling) if plan.heldout and acc.is_main_process else {}
+    return epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
+
+
+def run_finetune(cfg: RunConfig) -> dict:
+    """Run (or resume) the finetuning job of ``cfg``; returns a summary of the last epoch and the output paths."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    plan = validate_run(cfg, accelerator.num_processes)
+    seed_everything(cfg.train.seed)
+    session = build_session(cfg, accelerator)
+    start = 0
+    if plan.resume_from is not None:
+        start = load_checkpoint(plan.resume_from, session.pipe.unet, session.optimizer, session.algorithm)
+    out, main = Path(cfg.output_dir), accelerator.is_main_process
+    evals = EvalSet(cfg.eval_prompts, cfg.eval_seeds)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if start == 0:
+            save_eval_grid(session.pipe, evals, cfg.train.sampling, out, 0)
+    record: dict = {}
+    for epoch in range(start, cfg.epochs):
+        record = run_epoch(session, cfg, plan, epoch)
+        done = epoch + 1
+        if main:
+            append_metrics(out / "metrics.jsonl", record)
+            plot_reward_curve(out)
+        if done % cfg.save_every == 0 or done == cfg.epochs:
+            accelerator.wait_for_everyone()
+            if main:
+                save_checkpoint(out, done, session.pipe.unet, session.optimizer, session.algorithm, cfg.keep_last)
+                save_eval_grid(session.pipe, evals, cfg.train.sampling, out, done)
+    accelerator.wait_for_everyone()
+    final = out / "final"
+    if main:
+        session.pipe.unet = accelerator.unwrap_model(session.unet)
+        save_final_model(session.pipe, session.pipe.unet, final, lora=bool(cfg.lora_rank))
+    return summarise_run(record, out, final, start, cfg.epochs)
+
+
+def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int) -> dict:
+    """The CLI's summary: last epoch's headline metrics and where things are."""
+    keys = ("reward_mean", "gold_reward", "heldout_reward", "loss", "skipped")
+    summary = {k: record[k] for k in keys if k in record and record[k] is not None}
+    summary.update(epochs_run=epochs - start, output_dir=str(out), final=str(final))
+    return {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in summary.items()}

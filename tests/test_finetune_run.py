@@ -1,0 +1,199 @@
+"""The finetuning run end to end on the tiny random pipeline: run directory, checkpoints, resume, final model
+(full pipeline folder and LoRA weights), NaN rewards, and bad configs that fail before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from rewardtune.cli import main
+from rewardtune.config import from_dict, load_config
+from rewardtune.finetune.checkpoint import list_checkpoints, load_trainable_state
+from rewardtune.finetune.run import LORA_TARGETS, RunConfig, run_finetune
+from rewardtune.rewards.base import Reward
+
+PROMPTS = "[a red circle, a blue square on a white background, a photo of a dog]"
+TIMING = ("samples_per_s", "seconds_sampling", "seconds_reward", "seconds_update")
+RECORD_KEYS = {"epoch", "reward_mean", "reward_std", "nonfinite_rewards", "reward_components", "gold_reward",
+               "gold_components", "heldout_reward", "heldout_gold", "loss", "clipfrac", "approx_kl", "grad_norm",
+               "steps", "skipped", "nonfinite_targets", *TIMING}
+
+
+def overrides(model, out, *extra) -> list[str]:
+    """A run of 2 prompts x 2 images, T=2 steps, one gradient step per epoch."""
+    return [f"model={model}", f"output_dir={out}", f"prompts={PROMPTS}", "heldout_prompts=[a painting of a cat]",
+            "gold_reward=shapes_gold", "epochs=2", "save_every=1", "keep_last=1", "eval_prompts=[a red circle]",
+            "eval_seeds=[0, 1]", "train.reward=jpeg_incompressibility", "train.prompts_per_epoch=2",
+            "train.images_per_prompt=2", "train.inner_steps=1", "train.sampling.steps=2",
+            "train.sampling.batch_size=4", "train.optim.lr=1e-3", "train.prdp.beta=1e-2", *extra]
+
+
+def run(model, out, *extra) -> dict:
+    return run_finetune(load_config(RunConfig, None, overrides(model, out, *extra)))
+
+
+def read_metrics(out) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_pipeline_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "full"
+    return out, run(tiny_pipeline_dir, out)
+
+
+def test_run_directory_contents(full_run, tiny_pipeline_dir):
+    from safetensors.torch import load_file
+
+    from rewardtune.diffusion.loading import load_pipeline
+
+    out, summary = full_run
+    assert summary["epochs_run"] == 2 and summary["final"] == str(out / "final")
+    saved = from_dict(RunConfig, yaml.safe_load((out / "config.yaml").read_text()))
+    assert saved == load_config(RunConfig, None, overrides(tiny_pipeline_dir, out))
+    records = read_metrics(out)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all(set(r) == RECORD_KEYS for r in records)
+    assert set(records[0]["reward_components"]) == {"jpeg_incompressibility"}
+    assert set(records[0]["gold_components"]) == {"fidelity", "taste", "gold"}
+    assert records[0]["gold_components"]["gold"] == pytest.approx(records[0]["gold_reward"])
+    assert all(r["steps"] == 1 and r["skipped"] == 0 and r["loss"] is not None for r in records)
+    assert sorted(p.name for p in (out / "grids").iterdir()) == [f"epoch_000{i}.png" for i in range(3)]
+    assert (out / "reward_curve.png").stat().st_size > 0
+    assert [e for e, _ in list_checkpoints(out)] == [2]  # keep_last=1
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp folders left
+    pipe = load_pipeline(str(out / "final"))
+    trained = load_file(str(out / "checkpoints" / "epoch_2" / "trainable.safetensors"))
+    base = load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
+    final = pipe.unet.state_dict()
+    assert set(trained) == set(final)
+    assert all(torch.equal(final[k], v) for k, v in trained.items())
+    assert not all(torch.equal(final[k], base[k]) for k in final)  # training moved the UNet
+
+
+def test_resume_after_crash_equals_uninterrupted_run(full_run, tiny_pipeline_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = full_run
+    resumed = tmp_path / "resumed"
+    run(tiny_pipeline_dir, resumed, "epochs=1")  # "crashes" after epoch 1 (its checkpoint is written)
+    summary = run(tiny_pipeline_dir, resumed, "resume=auto")
+    assert summary["epochs_run"] == 1
+    reference, again = read_metrics(out), read_metrics(resumed)
+    assert [r["epoch"] for r in again] == [1, 2]
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
+    assert strip(again[1]) == strip(reference[1])
+    assert strip(again[0]) == strip(reference[0])
+    weights = "final/unet/diffusion_pytorch_model.safetensors"  # restored weights *and* AdamW moments
+    want, got = load_file(str(out / weights)), load_file(str(resumed / weights))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+def test_existing_run_needs_resume_and_keeps_its_data(full_run, tiny_pipeline_dir, capsys):
+    out, _ = full_run
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["finetune", *overrides(tiny_pipeline_dir, out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "already holds a run; pass resume=auto" in err
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def lora_reference_unet(model, checkpoint, rank):
+    """The base UNet with a fresh rank-``rank`` adapter holding a checkpoint's LoRA weights."""
+    from peft import LoraConfig
+    from safetensors.torch import load_file
+
+    from rewardtune.diffusion.loading import load_pipeline
+
+    unet = load_pipeline(str(model)).unet
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    load_trainable_state(unet, load_file(str(checkpoint / "trainable.safetensors")))
+    return unet
+
+
+def test_lora_run_saves_weights_loadable_with_load_lora_weights(tiny_pipeline_dir, tmp_path):
+    from rewardtune.diffusion.loading import load_pipeline
+
+    out = tmp_path / "lora"
+    run(tiny_pipeline_dir, out, "lora_rank=2", "epochs=1", "train.algorithm=ddpo", "train.optim.lr=1e-2",
+        "gold_reward=null")
+    record = read_metrics(out)[0]
+    assert "gold_reward" not in record and record["steps"] == 1
+    assert not (out / "final" / "model_index.json").exists()  # LoRA weights only, not a whole pipeline
+    pipe = load_pipeline(str(tiny_pipeline_dir))
+    pipe.load_lora_weights(str(out / "final"))
+    expected = lora_reference_unet(tiny_pipeline_dir, out / "checkpoints" / "epoch_1", rank=2)
+    base = load_pipeline(str(tiny_pipeline_dir)).unet
+    torch.manual_seed(0)
+    x, t, text = torch.randn(2, 4, 8, 8), torch.tensor([500, 20]), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        got = pipe.unet(x, t, encoder_hidden_states=text).sample
+        want = expected(x, t, encoder_hidden_states=text).sample
+        untouched = base(x, t, encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, untouched, rtol=0, atol=1e-7)  # the adapters were trained and are applied
+
+
+class NaNFirstReward(Reward):
+    """Image brightness with the first score of every call NaN."""
+
+    def score(self, images, prompts):
+        scores = images.mean((1, 2, 3)).clone()
+        scores[0] = float("nan")
+        return scores
+
+
+def load_nan_reward(device="cpu", dtype="float32"):
+    return NaNFirstReward()
+
+
+def test_nan_rewards_are_skipped_and_reported(tiny_pipeline_dir, tmp_path, monkeypatch):
+    from rewardtune.rewards import REWARDS
+
+    monkeypatch.setitem(REWARDS._entries, "nan_first", f"{__name__}:load_nan_reward")
+    out = tmp_path / "nan"
+    summary = run(tiny_pipeline_dir, out, "epochs=1", "train.reward=nan_first", "heldout_prompts=null",
+                  "gold_reward=null")
+    record = read_metrics(out)[0]  # valid JSON: NaN is written as null
+    assert record["nonfinite_rewards"] == 1 and record["skipped"] == 1 and record["steps"] == 0
+    assert record["loss"] is None and record["reward_mean"] is not None
+    assert "heldout_reward" not in record and summary["skipped"] == 1
+    assert (out / "final" / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["train.images_per_prompt=1"], "'train.images_per_prompt' must be at least 2 for prdp"),
+    (["train.reward=nope"], "train.reward: unknown reward 'nope'; choose one of:"),
+    (["gold_reward=shapes_gold:1,nope:2"], "gold_reward: unknown reward 'nope'"),
+    (["prompts=[]"], "prompts is empty or holds an empty prompt"),
+    (["prompts=null", "prompts_file=MISSING"], "does not exist"),
+    (["train.prdp.clip_range=0"], "'train.prdp.clip_range' must be > 0"),
+    (["train.algorithm=ddpo", "train.ddpo.clip_range=-1"], "'train.ddpo.clip_range' must be > 0"),
+    (["resume=MISSING"], "is not a checkpoint folder"),
+    (["epochs=0"], "'epochs' must be at least 1"),
+    (["model=MISSING"], "unknown model"),
+    (["lora_rank=0"], "'lora_rank' must be null (full UNet) or at least 1"),
+])
+def test_bad_configs_fail_before_any_output(tiny_pipeline_dir, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    extra = [e.replace("MISSING", str(tmp_path / "missing")) for e in extra]
+    assert main(["finetune", *overrides(tiny_pipeline_dir, out, *extra)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rewardtune: error:") and "\n" not in err and message in err, err
+    assert not out.exists()
+
+
+def test_preset_files_load_and_cli_accepts_them(tmp_path):
+    from pathlib import Path
+
+    from rewardtune.presets import load_preset
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for job in ("prdp", "ddpo"):
+        cfg = load_preset(configs / job / "shapes_small.yaml", configs)
+        assert cfg.train.algorithm == job and cfg.gold_reward == "shapes_gold"
+        assert cfg.train.reward == "shapes_preference" and cfg.model == "shapes-tiny"

@@ -31,6 +31,7 @@ from rewardtune.utils.benchmarks import command_line, header, update_section
 from rewardtune.utils.plots import plot_curves
 
 log = logging.getLogger("train_shapes_rewards")
+FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
 CHOICES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
            "background": tuple(BACKGROUNDS)}
 
@@ -113,7 +114,7 @@ def train(args) -> None:
                 fh.write(json.dumps(record) + "\n")
                 fh.flush()
                 log.info(record)
-    plot_curves(args.work / "preference_log.jsonl", ["loss", "heldout_acc"], args.work / "preference_curve.png",
+    plot_curves(args.work / "preference_log.jsonl", ["loss", "heldout_acc"], FIGURES / "shapes_preference_curve.png",
                 title="shapes_preference (Bradley-Terry on noisy pairs)")
     save(towers, head, ASSETS / "shapes-preference")
     report(evaluate(towers, head, heldout), args)
@@ -142,7 +143,8 @@ def save(towers, head, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     towers.model.save_pretrained(folder)
     towers.tokenizer.save_pretrained(folder)
-    (folder / "preprocessor_config.json").write_text((ASSETS / "shapes-clip" / "preprocessor_config.json").read_text())
+    for name in ("preprocessor_config.json", "vocab.json", "merges.txt"):  # BPE files: the real CLIP layout
+        (folder / name).write_text((ASSETS / "shapes-clip" / name).read_text())
     save_file({k: v.contiguous() for k, v in head.state_dict().items()}, folder / "head.safetensors")
     (folder / "head_config.json").write_text(json.dumps({"dim": head.net[0].in_features // 3,
                                                          "hidden": head.net[0].out_features}))

@@ -59,3 +59,29 @@ def test_shapes_clip_loads_with_transformers():
     with torch.no_grad():
         text = model.get_text_features(input_ids=ids.input_ids)
     assert text.shape[0] == 2 and torch.isfinite(text).all()
+
+
+def test_shipped_shapes_rewards_agree_with_gold_on_held_out_pairs():
+    """The learned proxy orders same-prompt pairs like gold well above chance (full numbers: BENCHMARKS.md)."""
+    from rewardtune.prompts import read_prompts
+    from rewardtune.rewards import load_reward
+    from rewardtune.shapes.oracle import gold_scores, images_from_uint8
+    from rewardtune.shapes.world import Scene, render
+
+    prompts = read_prompts(ASSETS / "prompts" / "shapes_heldout.txt")[:40]
+    from rewardtune.shapes.captions import parse_prompt
+
+    keys = ("color", "shape", "size", "position", "background")
+    good = [Scene(**{k: parse_prompt(p)[k] for k in keys}, softness=0.4) for p in prompts]
+    wrong_color = [Scene(**{**{k: parse_prompt(p)[k] for k in keys},
+                            "color": "green" if parse_prompt(p)["color"] != "green" else "red"}, softness=0.4)
+                   for p in prompts]
+    images = images_from_uint8(render(good + wrong_color))
+    both = prompts + prompts
+    gold = gold_scores(images, both)["gold"]
+    gold_order = gold[:40] > gold[40:]
+    assert gold_order.float().mean() > 0.8  # the right colour usually wins; taste decides the rest
+    for name in ("shapes_preference", "shapes_alignment"):
+        scores = load_reward(name)(images, both)
+        agreement = ((scores[:40] > scores[40:]) == gold_order).float().mean().item()
+        assert agreement >= 0.75, (name, agreement)

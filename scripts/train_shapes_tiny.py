@@ -292,7 +292,7 @@ def report(work: Path) -> None:
     clip = clip_zero_shot(ASSETS / "shapes-clip")
     vae = vae_readback(work / "vae")
     text = header(command_line()) + (
-        "| stage | steps (last run) | loss first -> last | wall time (last run) |\n|---|---|---|---|\n"
+        "| stage | steps | loss first -> last | wall time |\n|---|---|---|---|\n"
         + "\n".join(lines) + "\n\n"
         + "Curves: `docs/figures/shapes_{clip,vae,unet}_curve.png`.\n\n"
         + "Tiny CLIP zero-shot on 1,000 held-out renders: "

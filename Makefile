@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rewardtune demo sample.out=outputs/demo sample.overwrite=true
+	$(VENV)/bin/rewardtune demo configs/demo.yaml sample.out=outputs/demo sample.overwrite=true
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -85,7 +85,13 @@ def from_dict(schema: type[C], data: dict[str, Any], prefix: str = "") -> C:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ConfigError(f"unknown config key {prefix + unknown[0]!r}; valid keys here: {', '.join(sorted(known))}")
-    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    defaults = {f.name: f.default_factory for f in dataclasses.fields(schema)
+                if f.default_factory is not dataclasses.MISSING}
+    kwargs = {}
+    for name, value in data.items():
+        if dataclasses.is_dataclass(hints[name]) and name in defaults and isinstance(value, dict):
+            value = _merge(to_dict(defaults[name]()), value)  # a section overrides its default, key by key
+        kwargs[name] = _coerce(value, hints[name], prefix + name)
     try:
         return schema(**kwargs)
     except _ValueRuleError as exc:

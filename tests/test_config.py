@@ -97,3 +97,13 @@ def test_every_shipped_yaml_loads_and_validates(path):
     assert cfg is not None
     data = yaml.safe_load(path.read_text())
     assert data, f"{path} is empty"
+
+
+@dataclass
+class WithPreset:
+    optim: Optim = field(default_factory=lambda: Optim(lr=0.5, betas=[0.1, 0.2]))
+
+
+def test_a_section_overrides_its_default_factory_key_by_key():
+    cfg = load_config(WithPreset, None, ["optim.lr=0.25"])
+    assert cfg.optim == Optim(lr=0.25, betas=[0.1, 0.2])

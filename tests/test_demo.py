@@ -19,3 +19,13 @@ def test_demo_samples_and_scores_with_gold(tmp_path, capsys):
     assert header == "file,prompt,seed,fidelity,taste,gold"
     assert (out / "grid.png").is_file() and (out / "config.yaml").is_file()
     assert "gold reward:" in capsys.readouterr().out
+
+
+def test_demo_defaults_keep_the_small_prompt_set_under_overrides():
+    from rewardtune.config import load_config
+    from rewardtune.demo import DemoConfig
+    from rewardtune.shapes.captions import small_prompt_set
+
+    for path in (None, CONFIG):
+        cfg = load_config(DemoConfig, path, ["sample.out=x", "sample.overwrite=true"])
+        assert cfg.sample.prompts == small_prompt_set() and cfg.sample.out == "x"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -80,46 +81,49 @@ def _cmd_sample(args) -> int:
     return 0
 
 
-def _add_demo(sub) -> None:
-    p = sub.add_parser("demo", help="the embedded default end to end (shapes world)",
-                       description="Run the demo job on the shapes world. Optional YAML preset, then key=value "
-                                   "overrides, e.g. `rewardtune demo sample.num_images=2 sample.out=out/demo`.")
-    p.add_argument("config", nargs="?", help="YAML preset (default: built-in defaults = configs/demo.yaml)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides")
-    p.set_defaults(handler=_cmd_demo)
+def _add_config_job(sub, name: str, help_text: str, description: str, handler) -> None:
+    """A subcommand that takes an optional YAML preset followed by ``key=value`` overrides."""
+    p = sub.add_parser(name, help=help_text, description=description)
+    p.add_argument("config", nargs="?", help="YAML preset (default: the built-in defaults)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: sample.steps=10)")
+    p.set_defaults(handler=handler)
 
 
-def _cmd_demo(args) -> int:
+def _load_job_config(schema, args):
+    """The preset (if the first positional is a file rather than an override) merged with the overrides."""
     from rewardtune.config import load_config
-    from rewardtune.demo import DemoConfig, run_demo
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not Path(config).exists():
         config, overrides = None, [config] + overrides
-    summary = run_demo(load_config(DemoConfig, config, overrides))
+    return load_config(schema, config, overrides)
+
+
+def _add_demo(sub) -> None:
+    _add_config_job(sub, "demo", "the embedded default end to end (shapes world)",
+                    "Run the demo job on the shapes world: sample the small prompt set from shapes-tiny and score it "
+                    "with the gold reward, e.g. `rewardtune demo configs/demo.yaml sample.num_images=2`.", _cmd_demo)
+
+
+def _cmd_demo(args) -> int:
+    from rewardtune.demo import DemoConfig, run_demo
+
+    summary = run_demo(_load_job_config(DemoConfig, args))
     print("gold reward: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
 
 def _add_finetune(sub) -> None:
-    p = sub.add_parser("finetune", help="finetune a pipeline against a reward (PRDP, DDPO baseline)",
-                       description="Online reward finetuning. A YAML preset (e.g. configs/prdp/shapes_small.yaml), "
-                                   "then key=value overrides, e.g. `rewardtune finetune "
-                                   "configs/prdp/shapes_small.yaml epochs=2 output_dir=out/run resume=auto`. "
-                                   "Multi-process: `accelerate launch -m rewardtune finetune CONFIG`.")
-    p.add_argument("config", nargs="?", help="YAML preset (default: built-in defaults)")
-    p.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: train.optim.lr=1e-4)")
-    p.set_defaults(handler=_cmd_finetune)
+    _add_config_job(sub, "finetune", "finetune a pipeline against a reward (PRDP, DDPO baseline)",
+                    "Online reward finetuning, e.g. `rewardtune finetune configs/prdp/shapes_small.yaml epochs=2 "
+                    "output_dir=out/run resume=auto`. Multi-process: `accelerate launch -m rewardtune finetune "
+                    "CONFIG`.", _cmd_finetune)
 
 
 def _cmd_finetune(args) -> int:
-    from rewardtune.config import load_config
     from rewardtune.finetune.run import RunConfig, run_finetune
 
-    config, overrides = args.config, list(args.overrides)
-    if config is not None and "=" in config and not Path(config).exists():
-        config, overrides = None, [config] + overrides
-    summary = run_finetune(load_config(RunConfig, config, overrides))
+    summary = run_finetune(_load_job_config(RunConfig, args))
     print("finetune: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
@@ -193,14 +197,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_libraries() -> None:
+    """Keep diffusers/transformers warnings and weight-loading bars off the terminal (``--verbose`` shows them):
+    an error stays one line. Env vars cover later imports; already imported libraries are set directly."""
+    for key in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(key, "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("diffusers", "transformers"):
+        module = sys.modules.get(name)
+        if module is not None:
+            module.utils.logging.set_verbosity_error()
+            module.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 2
+    if not args.verbose:
+        _quiet_libraries()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
     try:
         return args.handler(args)
     except UserError as exc:

@@ -123,8 +123,11 @@ def _add_finetune(sub) -> None:
 def _cmd_finetune(args) -> int:
     from rewardtune.finetune.run import RunConfig, run_finetune
 
+    from accelerate import PartialState
+
     summary = run_finetune(_load_job_config(RunConfig, args))
-    print("finetune: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    if PartialState().is_main_process:  # one summary per run, not per process
+        print("finetune: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     return 0
 
 

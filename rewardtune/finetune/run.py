@@ -315,10 +315,21 @@ def run_finetune(cfg: RunConfig) -> dict:
                 save_eval_grid(session.pipe, evals, cfg.train.sampling, out, done)
     accelerator.wait_for_everyone()
     final = out / "final"
+    in_sync = ranks_in_sync(accelerator, accelerator.unwrap_model(session.unet))
     if main:
         session.pipe.unet = accelerator.unwrap_model(session.unet)
         save_final_model(session.pipe, session.pipe.unet, final, lora=bool(cfg.lora_rank))
-    return summarise_run(record, out, final, start, cfg.epochs)
+    return {**summarise_run(record, out, final, start, cfg.epochs), "processes": accelerator.num_processes,
+            "ranks_in_sync": in_sync}
+
+
+def ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
+    """True when every process holds the same trainable weights (per-tensor float64 sums gathered and compared):
+    a cheap end-of-run check that gradient synchronisation kept the replicas identical."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fingerprint = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)
+    gathered = accelerator.gather(fingerprint[None]).reshape(accelerator.num_processes, -1)
+    return bool((gathered == gathered[0]).all())
 
 
 def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int) -> dict:

@@ -7,14 +7,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.jpeg import jpeg_kilobytes
-from tiny_rewards import OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, clipscore_options, reference_open_clip
+from tiny_rewards import (OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, bicubic, clipscore_options,
+                          hand_open_clip_cosine, reference_open_clip)
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip  # noqa: E402  (a required dependency: never skip)
 
 OPENAI = (torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD))
 PROMPTS = ["a red circle", "a photo of a dog", "a painting of a cat", "a small green triangle"]
@@ -38,17 +38,7 @@ def clipscore(tiny):
 
 def hand_cosine(clip, cropped: torch.Tensor, prompts: list[str], mean_std=OPENAI) -> torch.Tensor:
     """Cosine of L2-normalised features for already resized+cropped ``[B,3,32,32]`` pixels in [0,1]."""
-    mean, std = (t.view(1, 3, 1, 1) for t in mean_std)
-    with torch.no_grad():
-        image = clip.encode_image((cropped - mean) / std)
-        text = clip.encode_text(open_clip.tokenize(prompts))
-    image = image / image.norm(dim=-1, keepdim=True)
-    text = text / text.norm(dim=-1, keepdim=True)
-    return torch.stack([torch.dot(image[i], text[i]) for i in range(len(prompts))])
-
-
-def bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return hand_open_clip_cosine(clip, cropped, prompts, *mean_std)
 
 
 def test_cosine_matches_hand_computation_with_shortest_side_resize_and_centre_crop(tiny, clipscore):

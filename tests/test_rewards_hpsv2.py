@@ -11,14 +11,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.jpeg import jpeg_kilobytes
-from tiny_rewards import OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, hpsv2_options, reference_open_clip
+from tiny_rewards import (OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, bicubic, hand_open_clip_cosine,
+                          hpsv2_options, reference_open_clip)
 
-open_clip = pytest.importorskip("open_clip")
+import open_clip  # noqa: E402  (a required dependency: never skip)
 
 MEAN = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
@@ -44,16 +44,7 @@ def hps(tiny):
 
 def hand_hps(clip, padded: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     """Cosine of L2-normalised features for already resized+padded ``[B,3,32,32]`` pixels in [0,1]."""
-    with torch.no_grad():
-        image = clip.encode_image((padded - MEAN) / STD)
-        text = clip.encode_text(open_clip.tokenize(prompts))
-    image = image / image.norm(dim=-1, keepdim=True)
-    text = text / text.norm(dim=-1, keepdim=True)
-    return torch.stack([torch.dot(image[i], text[i]) for i in range(len(prompts))])
-
-
-def bicubic(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)
+    return hand_open_clip_cosine(clip, padded, prompts)
 
 
 def test_square_scores_match_hand_computation(tiny, hps):

@@ -295,3 +295,25 @@ def tiny_options(name: str, folder: Path) -> dict[str, Any]:
         raise KeyError(f"reward {name!r} has no tiny builder; add one to TINY_OPTIONS in tests/tiny_rewards.py")
     Path(folder).mkdir(parents=True, exist_ok=True)
     return TINY_OPTIONS[name](Path(folder))
+
+
+def hand_open_clip_cosine(clip, pixels, prompts: list[str], mean=OPENAI_MEAN, std=OPENAI_STD):
+    """Reference score: cosine of L2-normalised open_clip features of already resized ``[B,3,S,S]`` pixels in
+    [0,1] (normalised here with ``mean``/``std``), written out with explicit per-pair dot products."""
+    import open_clip
+    import torch
+
+    m, s = (torch.as_tensor(v, dtype=pixels.dtype).view(1, 3, 1, 1) for v in (mean, std))
+    with torch.no_grad():
+        image = clip.encode_image((pixels - m) / s)
+        text = clip.encode_text(open_clip.tokenize(prompts))
+    image = image / image.norm(dim=-1, keepdim=True)
+    text = text / text.norm(dim=-1, keepdim=True)
+    return torch.stack([torch.dot(image[i], text[i]) for i in range(len(prompts))])
+
+
+def bicubic(x, size: tuple[int, int]):
+    """Antialiased bicubic resize, as the rewards' torch preprocessing does."""
+    import torch.nn.functional as F
+
+    return F.interpolate(x, size=size, mode="bicubic", align_corners=False, antialias=True)

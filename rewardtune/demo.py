@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from rewardtune.sample import SampleConfig, run_sample
 from rewardtune.utils.io import atomic_write_json, write_csv
@@ -47,7 +46,3 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic_write_json(out / "summary.json", summary)
     logger.info("gold reward over %d images: %s", len(rows), summary)
     return summary
-
-
-def demo_out(cfg: DemoConfig) -> Path:
-    return Path(cfg.sample.out)

@@ -10,14 +10,12 @@ effect of doing classifier-free guidance as one batched UNet pass of 2B instead 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 
 from rewardtune.diffusion import encode_prompts, generators_for, load_pipeline, sample_trajectories
 from rewardtune.diffusion import sampling
-from rewardtune.utils.benchmarks import command_line, header, update_section
+from rewardtune.utils.benchmarks import command_line, header, median_seconds, update_section
 
 
 def _two_pass_predict(unet, latents, t, prompt_embeds, negative_embeds, guidance):
@@ -31,13 +29,8 @@ def time_sampling(pipe, batch: int, repeats: int, steps: int = 20) -> float:
     """Median seconds to sample ``batch`` trajectories (decode excluded)."""
     prompts = ["a red circle on a white background"] * batch
     embeds, negative = encode_prompts(pipe, prompts), encode_prompts(pipe, [""] * batch)
-    times = []
-    for r in range(repeats + 1):
-        t0 = time.perf_counter()
-        sample_trajectories(pipe, embeds, negative, generators_for(range(batch)), steps=steps, guidance=5.0, eta=1.0)
-        if r:  # the first run warms up
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_seconds(lambda: sample_trajectories(pipe, embeds, negative, generators_for(range(batch)),
+                                                      steps=steps, guidance=5.0, eta=1.0), repeats)
 
 
 def main() -> None:

@@ -30,12 +30,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from rewardtune.rewards import REWARDS, load_reward
-from rewardtune.utils.benchmarks import command_line, header, update_section
+from rewardtune.utils.benchmarks import command_line, header, median_seconds, update_section
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tiny_rewards import tiny_options  # noqa: E402  (the tests' builders; see the module docstring)
@@ -55,18 +54,6 @@ def prompts_for(n: int) -> list[str]:
 def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
     """``[n,3,size,size]`` in [0,1]."""
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def progress(message: str) -> None:

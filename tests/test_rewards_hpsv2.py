@@ -18,7 +18,6 @@ from rewardtune.rewards.jpeg import jpeg_kilobytes
 from tiny_rewards import (OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, bicubic, hand_open_clip_cosine,
                           hpsv2_options, reference_open_clip)
 
-import open_clip  # noqa: E402  (a required dependency: never skip)
 
 MEAN = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -21,7 +22,6 @@ MODELS.register("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")
 MODELS.register("sd21", "stabilityai/stable-diffusion-2-1")
 MODELS.register("sd21-base", "stabilityai/stable-diffusion-2-1-base")
 
-_DTYPE_KWARG: str | None = None
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -38,6 +38,7 @@ def resolve_model(model: str) -> str:
                     "or pass a local pipeline folder or a hub id such as CompVis/stable-diffusion-v1-4")
 
 
+@functools.cache
 def _dtype_kwarg() -> str:
     """diffusers renamed ``from_pretrained(torch_dtype=)`` to ``dtype=`` (PR #14205, 2026); older versions need the
     old name. The rename shipped together with its deprecation message, whose presence is the feature test."""
@@ -63,8 +64,6 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    global _DTYPE_KWARG
-    _DTYPE_KWARG = _DTYPE_KWARG or _dtype_kwarg()
     source = resolve_model(model)
     local = Path(source).exists()
     if local and not (Path(source) / "model_index.json").is_file():
@@ -72,7 +71,7 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
                                  "pass a folder written by save_pretrained")
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, **{_DTYPE_KWARG: to_dtype(dtype)}, safety_checker=None, requires_safety_checker=False)
+            source, **{_dtype_kwarg(): to_dtype(dtype)}, safety_checker=None, requires_safety_checker=False)
     except (OSError, ValueError) as exc:
         if local:
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None

@@ -127,8 +127,3 @@ class FinetuneConfig:
         require(0 < self.timestep_fraction <= 1, "timestep_fraction", "in (0, 1]", self.timestep_fraction)
         require(self.forward_chunk >= 1, "forward_chunk", "at least 1", self.forward_chunk)
         require(self.seed >= 0, "seed", ">= 0", self.seed)
-
-    @property
-    def samples_per_update(self) -> int:
-        """Samples in one gradient step's minibatch."""
-        return (self.groups_per_update or self.prompts_per_epoch) * self.images_per_prompt

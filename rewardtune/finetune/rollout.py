@@ -72,15 +72,6 @@ class Rollouts:
         return self.prompt_embeds.shape[0]
 
 
-def has_adapters(model: torch.nn.Module) -> bool:
-    """True when ``model`` holds peft tuner layers (e.g. after ``unet.add_adapter(LoraConfig(...))``)."""
-    try:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-    except ImportError:
-        return False
-    return any(isinstance(m, BaseTunerLayer) for m in model.modules())
-
-
 @contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """Run ``model`` as its base model: every peft tuner layer off inside the block, and on exit each layer's

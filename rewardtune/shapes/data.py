@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from rewardtune.shapes.captions import caption, parse_prompt
+from rewardtune.shapes.oracle import images_from_uint8
 from rewardtune.shapes.world import Scene, render, sample_scenes
 
 
@@ -22,8 +23,7 @@ class ShapesData:
     def generate(cls, n: int, seed: int, split: str = "train", chunk: int = 4096) -> "ShapesData":
         scenes = sample_scenes(n, seed=seed, split=split)
         arrays = [render(scenes[i:i + chunk], seed=seed + i) for i in range(0, n, chunk)]
-        images = torch.from_numpy(np.concatenate(arrays)).permute(0, 3, 1, 2).float().div_(255.0)
-        return cls(images=images.contiguous(), scenes=scenes)
+        return cls(images=images_from_uint8(np.concatenate(arrays)).contiguous(), scenes=scenes)
 
     def captions(self, index: np.ndarray, rng: np.random.Generator, drop_prob: float = 0.0) -> list[str]:
         """A fresh random caption for each selected image; ``""`` with ``drop_prob`` (classifier-free guidance)."""

@@ -9,7 +9,7 @@ well under a second.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -136,7 +136,3 @@ def _triangle_sdf(dx: np.ndarray, dy: np.ndarray, half: np.ndarray) -> np.ndarra
     norm = np.sqrt(5.0)
     side = (2.0 * np.abs(dx) - dy - half) / norm  # distance to the slanted side, positive outside
     return np.maximum(bottom, side)
-
-
-def scene_to_dict(scene: Scene) -> dict:
-    return {f.name: getattr(scene, f.name) for f in fields(scene)}

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import platform
+import statistics
 import sys
+import time
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 from rewardtune.utils.io import atomic_write_text
 
@@ -26,6 +29,18 @@ def machine_line() -> str:
         pass
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return f"{cpu}, {torch.get_num_threads()} torch threads, {gpu}, torch {torch.__version__}"
+
+
+def median_seconds(call: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Median wall time of ``repeats`` calls after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def header(command: str) -> str:
@@ -50,4 +65,4 @@ def command_line() -> str:
     return "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
 
 
-__all__ = ["update_section", "header", "machine_line", "command_line"]
+__all__ = ["update_section", "header", "machine_line", "command_line", "median_seconds"]

@@ -82,7 +82,7 @@ def _prompt_file(tmp_path, name, content):
     ("binary.txt", b"\x00\x01\x02abc", "looks binary"),
     ("latin1.txt", "caf\xe9\n".encode("latin-1"), "not valid UTF-8"),
     ("bad.jsonl", b'{"prompt": "a"}\nnot json\n', "line 2 is not valid JSON"),
-    ("bad.csv", b"text\na red circle\n", "no 'prompt' column"),
+    ("bad.csv", b"label\na red circle\n", "no prompt column"),
 ])
 def test_bad_prompt_files_give_one_line_errors(tiny_pipeline_dir, tmp_path, capsys, name, content, message):
     path = _prompt_file(tmp_path, name, content)

@@ -56,7 +56,10 @@ class RunConfig:
     """One finetuning run. The trained reward and the seed are ``train.reward`` and ``train.seed``.
 
     ``gold_reward``: a reward spec scored on every epoch's samples and the held-out prompts, never trained on.
-    ``prompts`` / ``prompts_file``: the training prompt set (inline, or a .txt/.csv/.jsonl file); exactly one.
+    ``prompts`` / ``prompts_file``: the training prompt set, exactly one: inline, or any source of
+    :func:`rewardtune.prompts.read_prompts` (text/CSV/JSON(L)/Parquet files, local HF dataset folders, the HPDv2
+    and Pick-a-Pic layouts); ``prompts_column`` / ``prompts_split`` pick the column and split of tables and
+    datasets (``heldout_split`` for the held-out source); repeated prompts are dropped (``unique_prompts``) so every distinct prompt is drawn equally often.
     ``heldout_prompts`` / ``heldout_prompts_file``: optional; the first ``heldout_count`` are sampled once per
     epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
     adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
@@ -68,8 +71,12 @@ class RunConfig:
     gold_reward: str | None = None
     prompts: list[str] | None = None
     prompts_file: str | None = None
+    prompts_column: str | None = None
+    prompts_split: str = "train"
+    unique_prompts: bool = True
     heldout_prompts: list[str] | None = None
     heldout_prompts_file: str | None = None
+    heldout_split: str = "test"
     heldout_count: int = 8
     output_dir: str = "outputs/finetune"
     epochs: int = 10
@@ -111,10 +118,13 @@ class RunPlan:
     resume_from: Path | None
 
 
-def _prompt_list(inline: list[str] | None, path: str | None, key: str) -> list[str]:
+def _prompt_list(inline: list[str] | None, path: str | None, key: str, cfg: RunConfig, split: str) -> list[str]:
     from rewardtune.prompts import read_prompts
 
-    prompts = read_prompts(path) if path else [p.strip() for p in inline or []]
+    if path:
+        prompts = read_prompts(path, cfg.prompts_column, split, unique=cfg.unique_prompts)
+    else:
+        prompts = [p.strip() for p in inline or []]
     if not prompts or not all(prompts):
         raise UserError(f"{key} is empty or holds an empty prompt; give at least one prompt")
     return prompts
@@ -143,9 +153,10 @@ def validate_run(cfg: RunConfig, num_processes: int = 1) -> RunPlan:
     if cfg.gold_reward is not None:
         _check_reward_spec(cfg.gold_reward, "gold_reward")
     _check_model(cfg.model)
-    prompts = _prompt_list(cfg.prompts, cfg.prompts_file, "prompts")
+    prompts = _prompt_list(cfg.prompts, cfg.prompts_file, "prompts", cfg, cfg.prompts_split)
     has_heldout = cfg.heldout_prompts or cfg.heldout_prompts_file
-    heldout = _prompt_list(cfg.heldout_prompts, cfg.heldout_prompts_file, "heldout_prompts") if has_heldout else []
+    heldout = _prompt_list(cfg.heldout_prompts, cfg.heldout_prompts_file, "heldout_prompts", cfg,
+                           cfg.heldout_split) if has_heldout else []
     groups = train.groups_per_update
     if train.prompts_per_epoch % num_processes or (groups and groups % num_processes):
         raise UserError(f"train.prompts_per_epoch={train.prompts_per_epoch} (and groups_per_update) must divide "

@@ -101,6 +101,53 @@ def test_existing_run_needs_resume_and_keeps_its_data(full_run, tiny_pipeline_di
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_kill_9_then_resume_matches_the_uninterrupted_run(full_run, tiny_pipeline_dir, tmp_path):
+    """A real crash: SIGKILL the CLI while it works on epoch 2, then resume=auto from the epoch-1 checkpoint."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    out, _ = full_run
+    crashed = tmp_path / "crashed"
+    command = [sys.executable, "-m", "rewardtune", "finetune", *overrides(tiny_pipeline_dir, crashed)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (crashed / "checkpoints" / "epoch_1").is_dir() and process.poll() is None:
+        assert time.monotonic() < deadline, "the run never wrote its epoch-1 checkpoint"
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (crashed / "final").exists()
+    assert main(["finetune", *overrides(tiny_pipeline_dir, crashed, "resume=auto")]) == 0
+    strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
+    assert [strip(r) for r in read_metrics(crashed)] == [strip(r) for r in read_metrics(out)]
+    weights = "final/unet/diffusion_pytorch_model.safetensors"
+    want, got = load_file(str(out / weights)), load_file(str(crashed / weights))
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one AcceleratorState per process; mixed precision is fixed when it is first built."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_autocast_and_gradient_checkpointing_train(tiny_pipeline_dir, tmp_path, fresh_accelerator_state):
+    out = tmp_path / "bf16"
+    summary = run(tiny_pipeline_dir, out, "epochs=1", "mixed_precision=bf16", "gradient_checkpointing=true",
+                  "heldout_prompts=null")
+    record = read_metrics(out)[0]
+    assert summary["epochs_run"] == 1 and record["steps"] == 1 and record["skipped"] == 0
+    assert record["loss"] is not None and record["grad_norm"] > 0
+
+
 def lora_reference_unet(model, checkpoint, rank):
     """The base UNet with a fresh rank-``rank`` adapter holding a checkpoint's LoRA weights."""
     from peft import LoraConfig
@@ -170,7 +217,8 @@ def test_nan_rewards_are_skipped_and_reported(tiny_pipeline_dir, tmp_path, monke
     (["train.reward=nope"], "train.reward: unknown reward 'nope'; choose one of:"),
     (["gold_reward=shapes_gold:1,nope:2"], "gold_reward: unknown reward 'nope'"),
     (["prompts=[]"], "prompts is empty or holds an empty prompt"),
-    (["prompts=null", "prompts_file=MISSING"], "does not exist"),
+    (["prompts=null", "prompts_file=MISSING"], "not found; give a file or folder path, or a shipped set"),
+    (["mixed_precision=fp8"], "'mixed_precision' must be null"),
     (["train.prdp.clip_range=0"], "'train.prdp.clip_range' must be > 0"),
     (["train.algorithm=ddpo", "train.ddpo.clip_range=-1"], "'train.ddpo.clip_range' must be > 0"),
     (["resume=MISSING"], "is not a checkpoint folder"),

@@ -64,7 +64,9 @@ class RunConfig:
     epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
     adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
     checkpoint of ``output_dir``, or a fresh start) or a checkpoint folder. ``save_every``: checkpoint and grid
-    every that many epochs (and after the last); ``keep_last``: checkpoints kept.
+    every that many epochs (and after the last); ``keep_last``: checkpoints kept. ``mixed_precision``: autocast
+    of the UNet forward by accelerate (weights and optimizer stay fp32; log-probs are computed in fp32);
+    ``gradient_checkpointing``: recompute UNet activations in the backward pass (less memory, ~30 % more time).
     """
 
     model: str = "shapes-tiny"
@@ -85,6 +87,8 @@ class RunConfig:
     resume: str | None = None
     lora_rank: int | None = None
     lora_alpha: float | None = None
+    mixed_precision: str | None = None
+    gradient_checkpointing: bool = False
     eval_prompts: list[str] = field(default_factory=_default_eval_prompts)
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     device: str = "cpu"
@@ -98,6 +102,8 @@ class RunConfig:
         require(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "null (full UNet) or at least 1",
                 self.lora_rank)
         require(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "null or > 0", self.lora_alpha)
+        require(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision",
+                "null (as accelerate launch says), 'no', 'fp16' or 'bf16'", self.mixed_precision)
         require((self.prompts is None) != (self.prompts_file is None), "prompts",
                 "set either prompts (a list) or prompts_file, exactly one", self.prompts)
         require(not (self.heldout_prompts and self.heldout_prompts_file), "heldout_prompts",
@@ -211,6 +217,8 @@ def build_session(cfg: RunConfig, accelerator) -> Session:
         reference = ADAPTERS_DISABLED
     else:
         reference = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
     optimizer = make_optimizer(pipe.unet.parameters(), cfg.train.optim)
     unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
     reward = load_reward(cfg.train.reward, device=device).to(device).eval()
@@ -298,7 +306,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     """Run (or resume) the finetuning job of ``cfg``; returns a summary of the last epoch and the output paths."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
     plan = validate_run(cfg, accelerator.num_processes)
     seed_everything(cfg.train.seed)
     session = build_session(cfg, accelerator)

@@ -48,7 +48,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"pruned UNet folder {str(folder)!r} has no .safetensors weights")
     state = {}
     for file in files:
-        state.update(load_file(file))
+        state.update({k: v.clone() for k, v in load_file(file).items()})  # own, aligned memory
     return state
 
 
@@ -94,7 +94,7 @@ def load_pruned_unet(unet_folder: str | Path, dtype: torch.dtype = torch.float32
     leftover = [n for n, t in [*unet.named_parameters(), *unet.named_buffers()] if t.is_meta]
     if leftover:
         raise UserError(f"pruned UNet {str(folder)!r}: no weights for {leftover[:3]}")
-    return unet.to(dtype).eval()
+    return (unet if unet.dtype == dtype else unet.to(dtype)).eval()
 
 
 def check_unet_fits(pipe, unet: nn.Module | None = None) -> None:

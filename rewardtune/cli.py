@@ -21,7 +21,7 @@ Stable Diffusion 1.x/2.x pipelines given a hub id or a local folder.
 
 EPILOG = """\
 examples:
-  rewardtune demo
+  rewardtune finetune configs/prdp/shapes_small.yaml            # the demo: PRDP on the shapes world
   rewardtune finetune configs/prdp/shapes_small.yaml epochs=20 output_dir=outputs/prdp resume=auto
   rewardtune sample --model shapes-tiny --prompt "a red circle" --num-images 8 --out samples/
   rewardtune sample --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --steps 50
@@ -99,20 +99,6 @@ def _load_job_config(schema, args):
     return load_config(schema, config, overrides)
 
 
-def _add_demo(sub) -> None:
-    _add_config_job(sub, "demo", "the embedded default end to end (shapes world)",
-                    "Run the demo job on the shapes world: sample the small prompt set from shapes-tiny and score it "
-                    "with the gold reward, e.g. `rewardtune demo configs/demo.yaml sample.num_images=2`.", _cmd_demo)
-
-
-def _cmd_demo(args) -> int:
-    from rewardtune.demo import DemoConfig, run_demo
-
-    summary = run_demo(_load_job_config(DemoConfig, args))
-    print("gold reward: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
-    return 0
-
-
 def _add_finetune(sub) -> None:
     _add_config_job(sub, "finetune", "finetune a pipeline against a reward (PRDP, DDPO baseline)",
                     "Online reward finetuning, e.g. `rewardtune finetune configs/prdp/shapes_small.yaml epochs=2 "
@@ -127,8 +113,31 @@ def _cmd_finetune(args) -> int:
 
     summary = run_finetune(_load_job_config(RunConfig, args))
     if PartialState().is_main_process:  # one summary per run, not per process
-        print("finetune: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+        print(format_summary(summary))
     return 0
+
+
+def format_summary(summary: dict) -> str:
+    """The closing lines of ``rewardtune finetune``: before -> after on the fixed evaluation, and where to look."""
+    minutes, seconds = divmod(round(summary.get("seconds", 0)), 60)
+    lines = [f"finetune: {summary['epochs_run']} epochs in {minutes}m{seconds:02d}s -> {summary['output_dir']}"]
+    before, after = summary.get("before", {}), summary.get("after", {})
+    names = {"eval_reward": "reward (eval prompts)", "eval_gold": "gold (eval prompts)",
+             "heldout_reward": "reward (held-out)", "heldout_gold": "gold (held-out)"}
+    rows = [(label, before[k], after[k]) for k, label in names.items()
+            if isinstance(before.get(k), float) and isinstance(after.get(k), float)]
+    if rows:
+        epochs = summary.get("epochs", [0, 0])
+        lines.append(f"  {'':24s}{'before':>9s}{'after':>10s}   (epoch {epochs[0]} -> {epochs[1]})")
+        lines += [f"  {label:24s}{b:9.4g} -> {a:7.4g}   ({a - b:+.3g})" for label, b, a in rows]
+    if summary.get("skipped"):
+        lines.append(f"  skipped gradient steps in the last epoch: {summary['skipped']} (non-finite loss)")
+    lines.append(f"  grids before | after: {summary['comparison']}")
+    lines.append(f"  final model: {summary['final']}   metrics: {summary['output_dir']}/metrics.jsonl, "
+                 "reward_curve.png")
+    if summary.get("processes", 1) > 1:
+        lines.append(f"  processes: {summary['processes']}, replicas in sync: {summary['ranks_in_sync']}")
+    return "\n".join(lines)
 
 
 def _add_score(sub) -> None:
@@ -172,6 +181,20 @@ def _cmd_score(args) -> int:
     return 0
 
 
+def _add_prune(sub) -> None:
+    _add_config_job(sub, "prune", "prune a pipeline's UNet (channels, blocks, masks), recover, evaluate, save",
+                    "Prune -> distill from the unpruned UNet -> evaluate -> save a pipeline folder that sample, "
+                    "score and finetune load, e.g. `rewardtune prune configs/prune/shapes_structured.yaml "
+                    "out=outputs/pruned recover.steps=100`.", _cmd_prune)
+
+
+def _cmd_prune(args) -> int:
+    from rewardtune.prune.run import PruneConfig, format_summary, run_prune
+
+    print(format_summary(run_prune(_load_job_config(PruneConfig, args))))
+    return 0
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered pipelines and rewards")
     p.set_defaults(handler=_cmd_models)
@@ -195,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rewardtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_demo, _add_finetune, _add_sample, _add_score, _add_models):
+    for add in (_add_finetune, _add_sample, _add_score, _add_prune, _add_models):
         add(sub)
     return parser
 

@@ -11,21 +11,21 @@ SCHEMAS: Registry[type] = Registry("config job")
 
 
 def _register_builtin() -> None:
-    from rewardtune.demo import DemoConfig
     from rewardtune.finetune.run import RunConfig
+    from rewardtune.prune.run import PruneConfig
     from rewardtune.sample import SampleConfig
 
-    SCHEMAS.register("demo", DemoConfig)
     SCHEMAS.register("sample", SampleConfig)
     SCHEMAS.register("prdp", RunConfig)
     SCHEMAS.register("ddpo", RunConfig)
+    SCHEMAS.register("prune", PruneConfig)
 
 
 _register_builtin()
 
 
 def job_of(path: str | Path, root: str | Path) -> str:
-    """``configs/sample/x.yaml`` -> ``sample``; ``configs/demo.yaml`` -> ``demo``."""
+    """``configs/sample/x.yaml`` -> ``sample``; ``configs/<job>.yaml`` -> ``<job>``."""
     rel = Path(path).resolve().relative_to(Path(root).resolve())
     return rel.parts[0] if len(rel.parts) > 1 else rel.stem
 

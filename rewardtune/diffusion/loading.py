@@ -55,6 +55,14 @@ def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def _pruned_unet(folder: str, dtype: str | torch.dtype) -> dict:
+    """``{"unet": UNet}`` when the folder's UNet has pruned channels (rebuilt by rewardtune.prune.io), else ``{}``."""
+    from rewardtune.prune.io import load_pruned_unet, needs_rebuild
+
+    unet_dir = Path(folder) / "unet"
+    return {"unet": load_pruned_unet(unet_dir, to_dtype(dtype))} if needs_rebuild(unet_dir) else {}
+
+
 def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """A ``StableDiffusionPipeline`` with a ``DDIMScheduler``, on ``device`` in ``dtype``, progress bars off.
 
@@ -70,8 +78,9 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
         raise ModelNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
                                  "pass a folder written by save_pretrained")
     try:
+        pruned = _pruned_unet(source, dtype) if local else {}
         pipe = StableDiffusionPipeline.from_pretrained(
-            source, **{_dtype_kwarg(): to_dtype(dtype)}, safety_checker=None, requires_safety_checker=False)
+            source, **{_dtype_kwarg(): to_dtype(dtype)}, safety_checker=None, requires_safety_checker=False, **pruned)
     except (OSError, ValueError) as exc:
         if local:
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None
@@ -79,6 +88,9 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
             f"model {model!r} ({source}) is not in the local Hugging Face cache and could not be downloaded; "
             f"on a connected machine run `hf download {source}` (then copy the cache or set HF_HOME), "
             "or pass a local pipeline folder with --model PATH") from None
+    from rewardtune.prune.io import check_pruned_fits
+
+    check_pruned_fits(pipe)  # a pruned UNet saved into a mismatched pipeline folder: one-line error
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     logger.info("loaded %s from %s (%s, %s)", model, source, dtype, device)

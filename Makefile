@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/rewardtune demo configs/demo.yaml sample.out=outputs/demo sample.overwrite=true
+	$(VENV)/bin/rewardtune finetune configs/prdp/shapes_small.yaml output_dir=outputs/demo resume=auto
 
 test: $(STAMP)
 	$(PY) -m pytest -q

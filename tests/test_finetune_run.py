@@ -35,8 +35,12 @@ def run(model, out, *extra) -> dict:
     return run_finetune(load_config(RunConfig, None, overrides(model, out, *extra)))
 
 
+def read_metrics_file(path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
 def read_metrics(out) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return read_metrics_file(out / "metrics.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +66,16 @@ def test_run_directory_contents(full_run, tiny_pipeline_dir):
     assert records[0]["gold_components"]["gold"] == pytest.approx(records[0]["gold_reward"])
     assert all(r["steps"] == 1 and r["skipped"] == 0 and r["loss"] is not None for r in records)
     assert sorted(p.name for p in (out / "grids").iterdir()) == [f"epoch_000{i}.png" for i in range(3)]
+    evals = read_metrics_file(out / "eval.jsonl")
+    assert [r["epoch"] for r in evals] == [0, 1, 2]
+    assert all(set(r) == {"epoch", "eval_reward", "eval_gold", "heldout_reward", "heldout_gold"} for r in evals)
+    assert summary["before"] == pytest.approx({k: v for k, v in evals[0].items() if k != "epoch"}, abs=1e-4)
+    assert summary["after"] == pytest.approx({k: v for k, v in evals[2].items() if k != "epoch"}, abs=1e-4)
+    assert json.loads((out / "summary.json").read_text())["before"] == summary["before"]
+    from PIL import Image
+
+    with Image.open(out / "before_after.png") as both, Image.open(out / "grids" / "epoch_0000.png") as one:
+        assert both.width > 2 * one.width and both.height > one.height
     assert (out / "reward_curve.png").stat().st_size > 0
     assert [e for e, _ in list_checkpoints(out)] == [2]  # keep_last=1
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp folders left
@@ -101,7 +115,7 @@ def test_existing_run_needs_resume_and_keeps_its_data(full_run, tiny_pipeline_di
     assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_kill_9_then_resume_matches_the_uninterrupted_run(full_run, tiny_pipeline_dir, tmp_path):
+def test_kill_9_then_resume_matches_the_uninterrupted_run(full_run, tiny_pipeline_dir, tmp_path, capsys):
     """A real crash: SIGKILL the CLI while it works on epoch 2, then resume=auto from the epoch-1 checkpoint."""
     import signal
     import subprocess
@@ -122,6 +136,9 @@ def test_kill_9_then_resume_matches_the_uninterrupted_run(full_run, tiny_pipelin
     assert process.wait() == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (crashed / "final").exists()
     assert main(["finetune", *overrides(tiny_pipeline_dir, crashed, "resume=auto")]) == 0
+    printed = capsys.readouterr().out
+    assert "finetune: 1 epochs in" in printed and "(epoch 0 -> 2)" in printed
+    assert "gold (held-out)" in printed and "before_after.png" in printed
     strip = lambda r: {k: v for k, v in r.items() if k not in TIMING}  # noqa: E731
     assert [strip(r) for r in read_metrics(crashed)] == [strip(r) for r in read_metrics(out)]
     weights = "final/unet/diffusion_pytorch_model.safetensors"

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -116,13 +117,13 @@ def test_refuses_to_write_into_a_non_empty_folder(tiny_pipeline_dir, tmp_path, c
 
 def test_console_script_help_and_bad_config_key(tmp_path):
     help_run = subprocess.run([sys.executable, "-m", "rewardtune", "--help"], capture_output=True, text=True)
-    assert help_run.returncode == 0 and "sample" in help_run.stdout and "demo" in help_run.stdout
-    bad = subprocess.run([sys.executable, "-m", "rewardtune", "demo", "sample.nmu_images=2"],
+    assert help_run.returncode == 0 and "sample" in help_run.stdout and "finetune" in help_run.stdout
+    preset = Path(__file__).resolve().parents[1] / "configs" / "prdp" / "shapes_small.yaml"
+    bad = subprocess.run([sys.executable, "-m", "rewardtune", "finetune", str(preset), "train.sampling.stepz=2"],
                          capture_output=True, text=True)
     assert bad.returncode == 2
-    assert bad.stderr.strip() == ("rewardtune: error: unknown config key 'sample.nmu_images'; valid keys here: "
-                                  "batch_size, device, dtype, eta, guidance, height, model, num_images, out, "
-                                  "overwrite, prompts, prompts_file, seed, steps, width")
+    assert bad.stderr.strip() == ("rewardtune: error: unknown config key 'train.sampling.stepz'; valid keys here: "
+                                  "batch_size, eta, guidance, negative_prompt, steps")
 
 
 def test_sample_output_scores_with_its_own_manifest(tiny_pipeline_dir, tmp_path, capsys):

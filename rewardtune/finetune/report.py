@@ -1,5 +1,6 @@
 """What a finetuning run reports: per-epoch metrics records, ``metrics.jsonl``, the reward-curve plot, image grids
-of fixed evaluation prompts and seeds, and the held-out prompt reward."""
+of fixed evaluation prompts and seeds with their scores (``eval.jsonl``), the held-out prompt reward, and the
+closing before -> after comparison (``summary.json``, ``before_after.png``)."""
 
 from __future__ import annotations
 
@@ -39,24 +40,68 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], sampling: Sampling
     return generate_images(pipe, prompts, seeds, cfg)
 
 
-def save_eval_grid(pipe, evals: EvalSet, sampling: SamplingConfig, out: Path, epoch: int) -> Path:
-    """``out/grids/epoch_NNNN.png``: the evaluation prompts (rows) x seeds (columns) after ``epoch`` epochs."""
+def evaluate(session, evals: EvalSet, heldout: list[str], sampling: SamplingConfig, out: Path, epoch: int) -> dict:
+    """Sample the evaluation prompts (rows) x seeds (columns) into ``out/grids/epoch_NNNN.png``, score them with
+    the trained reward and the gold reward, score the held-out prompts, and append the scores to ``eval.jsonl``.
+
+    Returns ``{epoch, eval_reward[, eval_gold][, heldout_reward, heldout_gold]}``.
+    """
     prompts = [p for p in evals.prompts for _ in evals.seeds]
     seeds = [s for _ in evals.prompts for s in evals.seeds]
-    images = sample_images(pipe, prompts, seeds, sampling)
+    images = sample_images(session.pipe, prompts, seeds, sampling)
     path = save_png(make_grid(images, ncol=len(evals.seeds)), Path(out) / "grids" / f"epoch_{epoch:04d}.png")
     logger.info("wrote %s", path)
-    return path
+    record = {"epoch": epoch, **_scores(session, images, prompts, "eval")}
+    if heldout:
+        record.update(score_heldout(session, heldout, sampling))
+    append_metrics(Path(out) / "eval.jsonl", record)
+    return record
+
+
+def _scores(session, images: torch.Tensor, prompts: list[str], prefix: str) -> dict[str, float]:
+    """Mean trained reward (``<prefix>_reward``) and gold reward (``<prefix>_gold``) of ``images``."""
+    device = getattr(session.reward, "device", "cpu")
+    scores = {f"{prefix}_reward": _finite_mean(session.reward(images.to(device), prompts))}
+    if session.gold is not None:
+        scores[f"{prefix}_gold"] = _finite_mean(session.gold(images.to(session.gold.device), prompts))
+    return scores
+
+
+def before_after(out: Path) -> dict:
+    """The first and last ``eval.jsonl`` records as ``{"before": .., "after": ..}``, and ``before_after.png``: the
+    epoch-0 grid and the last grid side by side (left: before, right: after)."""
+    records = read_metrics(Path(out) / "eval.jsonl")
+    if not records:
+        return {}
+    first, last = records[0], records[-1]
+    grids = [Path(out) / "grids" / f"epoch_{r['epoch']:04d}.png" for r in (first, last)]
+    if all(g.is_file() for g in grids):
+        save_png(side_by_side(grids, [f"before (epoch {first['epoch']})", f"after (epoch {last['epoch']})"]),
+                 Path(out) / "before_after.png")
+    strip = lambda r: {k: v for k, v in r.items() if k != "epoch"}  # noqa: E731
+    return {"before": strip(first), "after": strip(last), "epochs": [first["epoch"], last["epoch"]]}
+
+
+def side_by_side(paths: list[Path], labels: list[str], gap: int = 12, label_height: int = 18):
+    """The images at ``paths`` next to each other on white, each with its label above it."""
+    from PIL import Image, ImageDraw
+
+    images = [Image.open(p).convert("RGB") for p in paths]
+    width = sum(im.width for im in images) + gap * (len(images) + 1)
+    height = max(im.height for im in images) + label_height + gap
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, x = ImageDraw.Draw(canvas), gap
+    for im, label in zip(images, labels):
+        draw.text((x, 3), label, fill=(0, 0, 0))
+        canvas.paste(im, (x, label_height))
+        x += im.width + gap
+    return canvas
 
 
 def score_heldout(session, prompts: list[str], sampling: SamplingConfig) -> dict[str, float]:
     """Mean reward (and gold reward) of one image per held-out prompt, drawn from fixed seeds."""
     images = sample_images(session.pipe, prompts, [HELDOUT_SEED + i for i in range(len(prompts))], sampling)
-    device = getattr(session.reward, "device", "cpu")
-    out = {"heldout_reward": _finite_mean(session.reward(images.to(device), prompts))}
-    if session.gold is not None:
-        out["heldout_gold"] = _finite_mean(session.gold(images.to(session.gold.device), prompts))
-    return out
+    return _scores(session, images, prompts, "heldout")
 
 
 def _finite_mean(values: torch.Tensor) -> float:

@@ -39,8 +39,8 @@ from rewardtune.config import require, save_config
 from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
 from rewardtune.finetune.config import FinetuneConfig
-from rewardtune.finetune.report import (EvalSet, append_metrics, epoch_metrics, plot_reward_curve, save_eval_grid,
-                                        score_heldout)
+from rewardtune.finetune.report import (EvalSet, append_metrics, before_after, epoch_metrics, evaluate,
+                                        plot_reward_curve, score_heldout)
 
 logger = logging.getLogger(__name__)
 
@@ -303,7 +303,7 @@ def run_epoch(session: Session, cfg: RunConfig, plan: RunPlan, epoch: int) -> di
 
 
 def run_finetune(cfg: RunConfig) -> dict:
-    """Run (or resume) the finetuning job of ``cfg``; returns a summary of the last epoch and the output paths."""
+    """Run (or resume) the finetuning job of ``cfg``; returns the summary of :func:`summarise_run`."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
@@ -314,32 +314,50 @@ def run_finetune(cfg: RunConfig) -> dict:
     if plan.resume_from is not None:
         start = load_checkpoint(plan.resume_from, session.pipe.unet, session.optimizer, session.algorithm)
     out, main = Path(cfg.output_dir), accelerator.is_main_process
-    evals = EvalSet(cfg.eval_prompts, cfg.eval_seeds)
+    evals, began = EvalSet(cfg.eval_prompts, cfg.eval_seeds), time.perf_counter()
     if main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
         if start == 0:
-            save_eval_grid(session.pipe, evals, cfg.train.sampling, out, 0)
+            evaluate(session, evals, plan.heldout, cfg.train.sampling, out, 0)
     record: dict = {}
-    for epoch in range(start, cfg.epochs):
+    bar = epoch_bar(range(start, cfg.epochs), main, cfg.train.algorithm)
+    for epoch in bar:
         record = run_epoch(session, cfg, plan, epoch)
         done = epoch + 1
         if main:
             append_metrics(out / "metrics.jsonl", record)
             plot_reward_curve(out)
+            show_rewards(bar, record)
         if done % cfg.save_every == 0 or done == cfg.epochs:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(out, done, session.pipe.unet, session.optimizer, session.algorithm, cfg.keep_last)
-                save_eval_grid(session.pipe, evals, cfg.train.sampling, out, done)
+                evaluate(session, evals, plan.heldout, cfg.train.sampling, out, done)
     accelerator.wait_for_everyone()
     final = out / "final"
     in_sync = ranks_in_sync(accelerator, accelerator.unwrap_model(session.unet))
+    summary = {}
     if main:
         session.pipe.unet = accelerator.unwrap_model(session.unet)
         save_final_model(session.pipe, session.pipe.unet, final, lora=bool(cfg.lora_rank))
-    return {**summarise_run(record, out, final, start, cfg.epochs), "processes": accelerator.num_processes,
-            "ranks_in_sync": in_sync}
+        summary = summarise_run(record, out, final, start, cfg.epochs, time.perf_counter() - began)
+    return {**summary, "processes": accelerator.num_processes, "ranks_in_sync": in_sync}
+
+
+def epoch_bar(epochs: range, enabled: bool, algorithm: str):
+    """A tqdm bar over the epochs (shown by the main process only)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(epochs, desc=f"{algorithm} epochs", unit="epoch", disable=not enabled, initial=epochs.start,
+                total=epochs.stop)
+
+
+def show_rewards(bar, record: dict) -> None:
+    """The last epoch's rewards as the bar's postfix."""
+    keys = {"reward": "reward_mean", "gold": "gold_reward", "heldout": "heldout_reward"}
+    bar.set_postfix({k: f"{record[v]:.3g}" for k, v in keys.items()
+                     if isinstance(record.get(v), float) and math.isfinite(record[v])})
 
 
 def ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
@@ -351,9 +369,23 @@ def ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
     return bool((gathered == gathered[0]).all())
 
 
-def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int) -> dict:
-    """The CLI's summary: last epoch's headline metrics and where things are."""
+def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int, seconds: float) -> dict:
+    """The run's summary (also written to ``out/summary.json``): the last epoch's headline metrics, the fixed
+    evaluation's before -> after scores (``eval_*`` on the grid prompts, ``heldout_*`` on unseen prompts), the
+    wall time and where things are."""
+    from rewardtune.utils.io import atomic_write_json
+
     keys = ("reward_mean", "gold_reward", "heldout_reward", "loss", "skipped")
     summary = {k: record[k] for k in keys if k in record and record[k] is not None}
-    summary.update(epochs_run=epochs - start, output_dir=str(out), final=str(final))
-    return {k: round(v, 4) if isinstance(v, float) and math.isfinite(v) else v for k, v in summary.items()}
+    summary.update(before_after(out))
+    summary.update(epochs_run=epochs - start, seconds=seconds, output_dir=str(out), final=str(final),
+                   comparison=str(out / "before_after.png"))
+    summary = _rounded(summary)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value

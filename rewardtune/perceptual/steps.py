@@ -1,0 +1,135 @@
+"""Unsupervised step discovery (Sermanet, Xu & Levine 2017, Sec. 2.1, Algorithm 1), solved exactly.
+
+A video's features ``[T,D]`` are split into ``n`` contiguous segments. Two objectives:
+
+* ``"paper"`` (Algorithm 1 "recursive similarity maximization"): minimise the **mean over segments** of
+  ``AverageStd(segment) = (1/D) sum_d std_d(segment)`` (population std, ddof=0, of the raw features).
+  The mean over segments is not additive, but the number of segments is fixed at ``n``, so
+  ``mean = sum / n`` and minimising the sum of segment costs minimises the mean: an exact dynamic programme
+  ``best[k][j] = min_i best[k-1][i] + cost(i, j)`` over ``O(n T^2)`` cells reproduces the brute-force recursion.
+* ``"gaussian_ml"``: the length-weighted maximum-likelihood fit of per-segment independent Gaussians (the paper's
+  own description of what its objective approximates): minimise ``sum_s L_s * (1/D) sum_d log(var_sd + eps_d)``,
+  the negative log-likelihood up to constants, with ``eps_d = 1e-3 * var_d`` (the feature's variance over the
+  whole video, or 1e-12 for a constant feature) so that a constant segment has a finite cost. It is invariant to
+  per-feature scaling.
+
+Segment statistics come from float64 prefix sums of the (video-mean centred) features, so every segment's cost is
+``O(D)`` and all ``O(T^2)`` costs are computed in length-major batches.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from rewardtune.errors import UserError
+
+OBJECTIVES = ("paper", "gaussian_ml")
+_CHUNK_ELEMENTS = 2 ** 24  # rows x D of one batched cost computation
+
+
+def segment_costs(features: torch.Tensor, objective: str = "paper", min_size: int = 1) -> np.ndarray:
+    """``cost[i, j]`` of the segment ``features[i:j]`` for ``j - i >= min_size`` (``inf`` elsewhere).
+
+    Args:
+        features: ``[T,D]`` float.
+        objective: ``"paper"`` (mean per-feature std) or ``"gaussian_ml"`` (``L * mean_d log(var_d + eps_d)``).
+    Returns:
+        float64 array ``[T+1, T+1]``.
+    """
+    if objective not in OBJECTIVES:
+        raise UserError(f"unknown step objective {objective!r}; choose one of: {', '.join(OBJECTIVES)}")
+    x = torch.as_tensor(features).detach().to(torch.float64).reshape(features.shape[0], -1)
+    t, d = x.shape
+    x = x - x.mean(0, keepdim=True)
+    eps = 1e-3 * x.pow(2).mean(0)
+    eps = torch.where(eps > 0, eps, torch.full_like(eps, 1e-12))
+    zero = torch.zeros(1, d, dtype=torch.float64)
+    s1 = torch.cat([zero, x.cumsum(0)])
+    s2 = torch.cat([zero, x.pow(2).cumsum(0)])
+    cost = np.full((t + 1, t + 1), np.inf)
+    rows = max(1, _CHUNK_ELEMENTS // max(d, 1))
+    for length in range(max(1, min_size), t + 1):
+        for start in range(0, t - length + 1, rows):
+            i = torch.arange(start, min(start + rows, t - length + 1))
+            mean = (s1[i + length] - s1[i]) / length
+            var = ((s2[i + length] - s2[i]) / length - mean.pow(2)).clamp_min(0)
+            if objective == "paper":
+                value = var.sqrt().mean(1)
+            else:
+                value = length * torch.log(var + eps).mean(1)
+            cost[i.numpy(), i.numpy() + length] = value.numpy()
+    return cost
+
+
+def discover_steps(features: torch.Tensor, n_steps: int, min_size: int = 1, objective: str = "paper") -> list[int]:
+    """The ``n_steps - 1`` split points that exactly minimise the step objective (module docstring).
+
+    Args:
+        features: ``[T,D]`` per-frame features of one video.
+        n_steps: number of segments (>= 1).
+        min_size: minimum frames per segment (>= 1).
+        objective: ``"paper"`` (default: mean over segments of the average per-feature std) or ``"gaussian_ml"``.
+    Returns:
+        Strictly increasing first-frame indices of segments 2..n (``[]`` for one step).
+    Raises:
+        UserError: ``T < n_steps * min_size``, bad arguments.
+    """
+    if features.ndim != 2:
+        raise UserError(f"features must be [T,D], got shape {tuple(features.shape)}")
+    if n_steps < 1 or min_size < 1:
+        raise UserError(f"n_steps and min_size must be >= 1, got n_steps={n_steps}, min_size={min_size}")
+    t = int(features.shape[0])
+    if t < n_steps * min_size:
+        raise UserError(f"a video of {t} frames cannot be split into {n_steps} steps of at least {min_size} "
+                        f"frame(s); use fewer steps, a smaller min_size or a longer video")
+    cost = segment_costs(features, objective, min_size)
+    return _best_splits(cost, t, n_steps, min_size)
+
+
+def _best_splits(cost: np.ndarray, t: int, n: int, min_size: int) -> list[int]:
+    """Dynamic programme over (segments used, frames covered); ``best[k, j]``: least summed cost of ``frames[:j]``
+    in ``k`` segments. Ties go to the earliest split (deterministic)."""
+    best = np.full((n + 1, t + 1), np.inf)
+    back = np.zeros((n + 1, t + 1), dtype=np.int64)
+    best[0, 0] = 0.0
+    for k in range(1, n + 1):
+        for j in range(k * min_size, t - (n - k) * min_size + 1):
+            starts = np.arange((k - 1) * min_size, j - min_size + 1)
+            totals = best[k - 1, starts] + cost[starts, j]
+            pick = int(np.argmin(totals))
+            best[k, j], back[k, j] = totals[pick], starts[pick]
+    if not math.isfinite(best[n, t]):
+        raise UserError("no valid split exists for these features (non-finite costs)")
+    splits, j = [], t
+    for k in range(n, 1, -1):
+        j = int(back[k, j])
+        splits.append(j)
+    return splits[::-1]
+
+
+def objective_value(features: torch.Tensor, splits: list[int], objective: str = "paper") -> float:
+    """The objective of a given split, computed directly from its definition (no prefix sums): the paper's
+    mean over segments of the average per-feature std, or the Gaussian ML cost summed over segments."""
+    x = torch.as_tensor(features).detach().to(torch.float64)
+    bounds = [0, *splits, x.shape[0]]
+    segments = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    if objective == "paper":
+        return float(np.mean([float(s.std(0, unbiased=False).mean()) for s in segments]))
+    centred = x - x.mean(0)
+    eps = 1e-3 * centred.pow(2).mean(0)
+    eps = torch.where(eps > 0, eps, torch.full_like(eps, 1e-12))
+    return float(sum(len(s) * float(torch.log(s.var(0, unbiased=False) + eps).mean()) for s in segments))
+
+
+def labels_from_splits(splits: list[int], length: int) -> np.ndarray:
+    """``[T]`` int step index (0-based) of every frame for the given split points."""
+    labels = np.zeros(length, dtype=np.int64)
+    for split in splits:
+        labels[split:] += 1
+    return labels
+
+
+__all__ = ["OBJECTIVES", "discover_steps", "segment_costs", "objective_value", "labels_from_splits"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +64,19 @@ def _pruned_unet(folder: str, dtype: str | torch.dtype) -> dict:
     return {"unet": load_pruned_unet(unet_dir, to_dtype(dtype))} if needs_rebuild(unet_dir) else {}
 
 
+@contextmanager
+def _loading_bar(show: bool):
+    """diffusers' "Loading pipeline components" bar only when ``show`` (verbose logging); restored afterwards."""
+    from diffusers.utils import logging as diffusers_logging
+
+    was = diffusers_logging.is_progress_bar_enabled()
+    (diffusers_logging.enable_progress_bar if show else diffusers_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (diffusers_logging.enable_progress_bar if was else diffusers_logging.disable_progress_bar)()
+
+
 def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu"):
     """A ``StableDiffusionPipeline`` with a ``DDIMScheduler``, on ``device`` in ``dtype``, progress bars off.
 
@@ -79,8 +93,10 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
                                  "pass a folder written by save_pretrained")
     try:
         pruned = _pruned_unet(source, dtype) if local else {}
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source, **{_dtype_kwarg(): to_dtype(dtype)}, safety_checker=None, requires_safety_checker=False, **pruned)
+        with _loading_bar(logger.isEnabledFor(logging.INFO)):
+            pipe = StableDiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): to_dtype(dtype)},
+                                                           safety_checker=None, requires_safety_checker=False,
+                                                           **pruned)
     except (OSError, ValueError) as exc:
         if local:
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None

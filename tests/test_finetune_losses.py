@@ -48,6 +48,28 @@ def test_prdp_loss_tiny_example_by_hand():
     assert loss.item() == pytest.approx(3.61)
 
 
+def test_infinite_clip_range_is_the_unclipped_rdp_loss_and_its_gradient():
+    """clip_range=inf (the "no proximal clipping" ablation): Eq. 14's loss, and the gradient of Eq. 14 by hand:
+    dL/dlp[i,t] = (1/P) sum over pairs (a,b) of 2 (dr_hat - dr/beta) (1[i=a] - 1[i=b]) / T."""
+    g = torch.Generator().manual_seed(1)
+    lp = torch.randn(3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    lp_old, lp_ref = torch.randn(3, 2, generator=g, dtype=torch.float64), torch.randn(3, 2, generator=g,
+                                                                                     dtype=torch.float64)
+    rewards, beta = torch.tensor([0.2, 0.9, -0.1], dtype=torch.float64), 0.5
+    loss = prdp_loss(lp, lp_old, lp_ref, rewards, beta, float("inf"))
+    loss.backward()
+    r_hat = (lp - lp_ref).mean(1).tolist()
+    pairs = [(1, 0), (1, 2), (0, 2)]  # (a, b) with r_a > r_b
+    errors = [r_hat[a] - r_hat[b] - (rewards[a] - rewards[b]).item() / beta for a, b in pairs]
+    assert loss.item() == pytest.approx(sum(e * e for e in errors) / 3, rel=1e-12)
+    grad = [[0.0, 0.0] for _ in range(3)]
+    for (a, b), e in zip(pairs, errors):
+        for t in range(2):
+            grad[a][t] += 2 * e / 2 / 3
+            grad[b][t] -= 2 * e / 2 / 3
+    assert torch.allclose(lp.grad, torch.tensor(grad, dtype=torch.float64), rtol=1e-12)
+
+
 def test_prdp_loss_is_zero_at_the_optimum():
     """At pi* the log-ratio is r/beta + const per trajectory (Eq. 8), so every pair's error vanishes."""
     beta = 0.25

@@ -27,6 +27,8 @@ examples:
   rewardtune sample --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --steps 50
   rewardtune score --reward shapes_gold --images samples/ --prompts samples/manifest.csv
   rewardtune score --reward "pickscore:10,hpsv2:2,aesthetic:0.05" --images "out/*.png" --prompt "a cat"
+  rewardtune perceptual learn --videos demos/ --steps 2 --features random-cnn --out reward.pt
+  rewardtune perceptual score --reward reward.pt --video test.mp4 --out rewards.csv --plot rewards.png
   rewardtune models
 
 Bad input exits with code 2 and a one-line message; --verbose shows library logs.
@@ -195,6 +197,12 @@ def _cmd_prune(args) -> int:
     return 0
 
 
+def _add_perceptual(sub) -> None:
+    from rewardtune.perceptual.cli import add_parser
+
+    add_parser(sub)
+
+
 def _add_models(sub) -> None:
     p = sub.add_parser("models", help="list registered pipelines and rewards")
     p.set_defaults(handler=_cmd_models)
@@ -218,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"rewardtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_add_finetune, _add_sample, _add_score, _add_prune, _add_models):
+    for add in (_add_finetune, _add_sample, _add_score, _add_prune, _add_perceptual, _add_models):
         add(sub)
     return parser
 

@@ -41,15 +41,14 @@ import numpy as np
 import torch
 
 from rewardtune.errors import UserError
+from rewardtune.perceptual.constants import COMBINES, DEFAULT_OBJECTIVE, OBJECTIVES
 from rewardtune.perceptual.features import FeatureExtractor, load_extractor
-from rewardtune.perceptual.steps import OBJECTIVES, discover_steps, labels_from_splits
+from rewardtune.perceptual.steps import discover_steps, labels_from_splits
 from rewardtune.utils.io import atomic_path
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "rewardtune.perceptual/1"
-COMBINES = ("doubling", "sum", "furthest")
-DEFAULT_OBJECTIVE = "gaussian_ml"   # measured better on Table 1; see BENCHMARKS.md (perceptual section)
 CALIBRATION_HIGH = 0.9
 
 

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 
 from rewardtune.errors import UserError
+from rewardtune.perceptual.constants import OBJECTIVES
 
-OBJECTIVES = ("paper", "gaussian_ml")
 _CHUNK_ELEMENTS = 2 ** 24  # rows x D of one batched cost computation
 
 

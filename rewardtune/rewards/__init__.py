@@ -3,6 +3,7 @@
     reward = load_reward("shapes_gold")
     reward = load_reward("pickscore:10,hpsv2:2,aesthetic:0.05", device="cuda")   # weighted sum
     scores = reward(images, prompts)          # images [B,3,H,W] in [0,1]; reward.components for each part
+    reward = load_reward("perceptual:reward.pt")                                 # learned from demo videos
 
 Factories are registered as ``"module:function"`` strings and imported on first use, so heavy libraries
 (open_clip, transformers models) load only when their reward is asked for.
@@ -10,6 +11,7 @@ Factories are registered as ``"module:function"`` strings and imported on first 
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Any, Callable
 
@@ -34,8 +36,40 @@ for _name, _target in {
 }.items():
     REWARDS.register(_name, _target)
 
+# Rewards whose name carries a file: "perceptual:PATH" ("perceptual:PATH:WEIGHT" inside a weighted sum).
+PATH_REWARDS: Registry[str] = Registry("path reward")
+PATH_REWARDS.register("perceptual", "rewardtune.perceptual.image_reward:load_perceptual_reward")
+
+
+def _split_terms(spec: str) -> list[tuple[str, float]]:
+    """:func:`parse_spec`, except that a ``NAME:PATH[:WEIGHT]`` part of a path reward keeps its path."""
+    if not isinstance(spec, str) or not any(p.strip().partition(":")[0] in PATH_REWARDS for p in spec.split(",")):
+        return parse_spec(spec)
+    terms: list[tuple[str, float]] = []
+    for part in (p.strip() for p in spec.split(",")):
+        head, _, path = part.partition(":")
+        if head not in PATH_REWARDS:
+            terms += parse_spec(part)
+            continue
+        body, _, weight = path.rpartition(":")
+        try:
+            path, value = (body, float(weight)) if body else (path, 1.0)
+        except ValueError:
+            value = 1.0
+        if not path:
+            raise UserError(f"reward {head!r} needs a file: {head}:PATH (e.g. {head}:reward.pt)")
+        terms.append((f"{head}:{path}", value))
+    names = [n for n, _ in terms]
+    if len(set(names)) != len(names):
+        raise UserError(f"a reward appears twice in spec {spec!r}")
+    return terms
+
 
 def _factory(name: str) -> Callable[..., Reward]:
+    head, sep, path = name.partition(":")
+    if sep and head in PATH_REWARDS:
+        module, _, function = PATH_REWARDS.get(head).partition(":")
+        return functools.partial(getattr(importlib.import_module(module), function), path)
     module, _, function = REWARDS.get(name).partition(":")
     return getattr(importlib.import_module(module), function)
 
@@ -58,8 +92,8 @@ def load_reward(spec: str, **options: Any) -> Reward:
     For a sum, ``device`` and ``dtype`` apply to every component, and options for one component go in a dict
     under its name: ``load_reward("pickscore:10,hpsv2:2", hpsv2={"checkpoint": path})``.
     """
-    terms = parse_spec(spec)
-    if len(terms) == 1 and terms[0][1] == 1.0 and ":" not in spec:
+    terms = _split_terms(spec)
+    if len(terms) == 1 and terms[0][1] == 1.0 and (":" not in spec or terms[0][0] == spec.strip()):
         return _load_one(terms[0][0], options)
     shared = {k: options.pop(k) for k in ("device", "dtype") if k in options}
     names = [n for n, _ in terms]
@@ -72,7 +106,8 @@ def load_reward(spec: str, **options: Any) -> Reward:
 
 
 def reward_names() -> list[str]:
-    return REWARDS.names()
+    return REWARDS.names() + [f"{name}:PATH" for name in PATH_REWARDS.names()]
 
 
-__all__ = ["Reward", "REWARDS", "WeightedSum", "check_inputs", "load_reward", "parse_spec", "reward_names"]
+__all__ = ["Reward", "REWARDS", "PATH_REWARDS", "WeightedSum", "check_inputs", "load_reward", "parse_spec",
+           "reward_names"]

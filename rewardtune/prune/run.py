@@ -87,6 +87,20 @@ class PruneConfig:
         require(self.calibration_samples >= 1, "calibration_samples", "at least 1", self.calibration_samples)
 
 
+def check_plan_early(unet, cfg: PruneConfig) -> None:
+    """Refuse an impossible plan before minutes of sampling and training are spent."""
+    from rewardtune.prune.blocks import blocks_config
+    from rewardtune.prune.common import check_unet, public_config
+    from rewardtune.prune.structured import check_plan
+
+    check_unet(unet)
+    if cfg.method == "structured":
+        check_plan(unet, cfg.ratio, set(cfg.options.get("ignored", ("conv_out",))))
+    elif cfg.method == "blocks":
+        blocks_config(public_config(unet.config), cfg.options.get("layers_per_block"),
+                      bool(cfg.options.get("mid_block", False)))
+
+
 def _distill_data(pipe, cfg: PruneConfig):
     from tqdm.auto import tqdm
 
@@ -173,9 +187,10 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     from rewardtune.prune.io import save_pruned_pipeline
     from rewardtune.sample import prepare_out_dir
 
+    pipe = load_pipeline(cfg.model, device=cfg.device)
+    check_plan_early(pipe.unet, cfg)
     out = prepare_out_dir(cfg.out, cfg.overwrite)
     save_config(cfg, out / "config.yaml")
-    pipe = load_pipeline(cfg.model, device=cfg.device)
     needs_data = cfg.recover.steps > 0 or cfg.importance != "magnitude" or cfg.method == "lottery"
     data = _distill_data(pipe, cfg) if needs_data else None
     pruned = prune_pipeline_unet(pipe, cfg, data)

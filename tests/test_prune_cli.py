@@ -1,0 +1,57 @@
+"""``rewardtune prune`` end to end on the tiny pipeline folder, its presets, and its one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rewardtune.cli import main
+from rewardtune.presets import load_preset
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+FAST = ["recover.steps=2", "recover.num_samples=4", "recover.batch_size=2", "evaluate.num_prompts=0",
+        "sample_steps=2", "calibration_samples=2"]
+
+
+def test_prune_cli_writes_a_pipeline_that_sample_loads(tiny_pipeline_dir, tmp_path, capsys):
+    out = tmp_path / "pruned"
+    assert main(["prune", f"model={tiny_pipeline_dir}", "ratio=0.5", f"out={out}", *FAST]) == 0
+    text = capsys.readouterr().out
+    assert "parameters" in text and "MACs" in text and str(out / "pipeline") in text
+    for name in ("report.json", "config.yaml", "distill_log.jsonl", "pipeline/unet/config.json"):
+        assert (out / name).is_file(), name
+    assert main(["sample", "--model", str(out / "pipeline"), "--prompt", "a red circle", "--num-images", "1",
+                 "--steps", "2", "--out", str(tmp_path / "samples")]) == 0
+    assert (tmp_path / "samples" / "grid.png").is_file()
+
+
+def test_prune_cli_taylor_blocks_and_lottery(tiny_pipeline_dir, tmp_path):
+    for i, extra in enumerate([["importance=diff_pruning", "options={stride: 500}"],
+                               ["method=blocks", "options={mid_block: false}"],
+                               ["method=lottery", "ratio=0.6", "options={rounds: 2, round_steps: 1}"]]):
+        assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / str(i)}", *FAST, *extra]) == 0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ratio=1.5", "config key 'ratio' must be strictly between 0 and 1"),
+    ("ratio=0", "config key 'ratio' must be strictly between 0 and 1"),
+    ("method=bogus", "config key 'method' must be one of blocks, lottery, magnitude, structured"),
+    ("ratio=0.9", "would remove a whole layer"),
+])
+def test_prune_cli_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys, override, message):
+    assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and "\n" not in err and err.startswith("rewardtune: error:")
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "prune").glob("*.yaml")), ids=lambda p: p.name)
+def test_prune_presets_validate(path):
+    cfg = load_preset(path, CONFIGS)
+    assert cfg.model == "shapes-tiny" and cfg.recover.steps > 0
+
+
+def test_prune_cli_refuses_a_bad_plan_before_writing(tiny_pipeline_dir, tmp_path):
+    assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, "method=blocks",
+                 "options={layers_per_block: 0}"]) == 2
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,219 @@
+"""Reproduce PRDP's claims in the shapes world; writes a table and curves into BENCHMARKS.md / docs/figures.
+
+    python scripts/reproduce_prdp.py [--seeds 0 1 2] [--claims 1 2 3 4] [--workers 2] [--epochs N]
+
+Every run is ``rewardtune finetune PRESET train.seed=S ...`` in its own process under ``--out`` (default
+``outputs/reproduce``); a finished run (``summary.json`` present) is reused and an interrupted one resumes
+(``resume=auto``), so the script can be stopped and started again. PRDP and DDPO runs of a claim use the same
+prompts, N x B samples per epoch and epochs: equal reward-query budgets.
+
+Claims (PRDP, Deng et al. CVPR 2024):
+1. small prompt set: PRDP >= DDPO on proxy and gold reward (Table 1);
+2. large prompt set: PRDP improves the gold reward while DDPO stalls or collapses (Table 2, Fig. 9);
+3. without proximal clipping PRDP is unstable (Table 5);
+4. beta trades proxy reward against gold and held-out reward (reward hacking, Sec. 4.4).
+
+Scores are the fixed evaluation of each run (``eval.jsonl``: the preset's evaluation prompts x seeds, and its
+held-out prompts), before (epoch 0) and after the last epoch; mean +- std over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+PRDP_SMALL, DDPO_SMALL = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
+PRDP_LARGE, DDPO_LARGE = "configs/prdp/shapes_large.yaml", "configs/ddpo/shapes_large.yaml"
+
+
+@dataclass
+class Arm:
+    """One method of a claim: a preset plus overrides, run once per seed."""
+
+    name: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def claims(betas: list[float]) -> dict[int, list[Arm]]:
+    return {
+        1: [Arm("prdp_small", PRDP_SMALL), Arm("ddpo_small", DDPO_SMALL)],
+        2: [Arm("prdp_large", PRDP_LARGE), Arm("ddpo_large", DDPO_LARGE)],
+        3: [Arm("prdp_small", PRDP_SMALL), Arm("prdp_small_noclip", PRDP_SMALL, ["train.prdp.clip_range=.inf"])],
+        4: [beta_arm(b) for b in sorted(betas)],
+    }
+
+
+def beta_arm(beta: float) -> Arm:
+    """PRDP small at ``beta``; the preset's own beta is the ``prdp_small`` run itself (not run twice)."""
+    from rewardtune.presets import load_preset
+
+    if beta == load_preset(ROOT / PRDP_SMALL, ROOT / "configs").train.prdp.beta:
+        return Arm("prdp_small", PRDP_SMALL)
+    return Arm(f"prdp_small_beta{beta:g}", PRDP_SMALL, [f"train.prdp.beta={beta}"])
+
+
+def run_arm(arm: Arm, seed: int, out: Path, epochs: int | None, threads: int) -> Path:
+    """Run (or resume, or reuse) one arm and seed; returns its run folder."""
+    folder = out / arm.name / f"seed{seed}"
+    if (folder / "summary.json").is_file():
+        return folder
+    command = [sys.executable, "-m", "rewardtune", "finetune", str(ROOT / arm.preset), f"output_dir={folder}",
+               f"train.seed={seed}", "resume=auto", *arm.overrides, *([f"epochs={epochs}"] if epochs else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"seed{seed}.log", "w") as log:
+        subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return folder
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_scores(folder: Path) -> dict[str, float]:
+    """After-minus-before and after values of the fixed evaluation, the worst evaluated gold, and run time."""
+    evals = read_jsonl(folder / "eval.jsonl")
+    summary = json.loads((folder / "summary.json").read_text())
+    first, last = evals[0], evals[-1]
+    scores = {f"{k}": last[k] for k in last if k != "epoch"}
+    scores.update({f"d_{k}": last[k] - first[k] for k in last if k != "epoch"})
+    scores["min_gold"] = min(r["eval_gold"] for r in evals) - first["eval_gold"]
+    scores["minutes"] = summary["seconds"] / 60
+    return scores
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.3f}"
+    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
+
+
+def mean(values: list[float]) -> float:
+    return statistics.mean(values)
+
+
+def table(arms: list[Arm], results: dict[str, list[dict]]) -> str:
+    keys = [("d_eval_reward", "Δ proxy (train prompts)"), ("d_eval_gold", "Δ gold (train prompts)"),
+            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
+            ("min_gold", "worst Δ gold during run")]
+    lines = ["| run | " + " | ".join(label for _, label in keys) + " | minutes |", "|---" * (len(keys) + 2) + "|"]
+    for arm in arms:
+        rows = results[arm.name]
+        lines.append(f"| {arm.name} | " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in keys)
+                     + f" | {mean([r['minutes'] for r in rows]):.1f} |")
+    return "\n".join(lines)
+
+
+def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, str]:
+    """One sentence per claim, computed from the seed means (the rule is stated in the sentence)."""
+    m = {name: {k: mean([r[k] for r in rows]) for k in rows[0]} for name, rows in results.items()}
+    out = {}
+    if {"prdp_small", "ddpo_small"} <= set(m):
+        p, d = m["prdp_small"], m["ddpo_small"]
+        ok = p["d_eval_reward"] >= d["d_eval_reward"] and p["d_eval_gold"] >= d["d_eval_gold"]
+        out[1] = (f"{'Reproduced' if ok else 'Not reproduced'}: PRDP Δproxy {p['d_eval_reward']:+.3f} vs DDPO "
+                  f"{d['d_eval_reward']:+.3f}, Δgold {p['d_eval_gold']:+.3f} vs {d['d_eval_gold']:+.3f} "
+                  "(rule: PRDP >= DDPO on both, seed means).")
+    if {"prdp_large", "ddpo_large"} <= set(m):
+        p, d = m["prdp_large"], m["ddpo_large"]
+        ok = p["d_heldout_gold"] > 0 and p["d_eval_gold"] > 0 and d["d_eval_gold"] < p["d_eval_gold"]
+        out[2] = (f"{'Reproduced' if ok else 'Not reproduced'}: PRDP Δgold {p['d_eval_gold']:+.3f} (held-out "
+                  f"{p['d_heldout_gold']:+.3f}) vs DDPO {d['d_eval_gold']:+.3f} (held-out {d['d_heldout_gold']:+.3f}) "
+                  "(rule: PRDP's gold rises on train and held-out prompts and DDPO's rises less).")
+    if {"prdp_small", "prdp_small_noclip"} <= set(m):
+        c, n = m["prdp_small"], m["prdp_small_noclip"]
+        ok = n["min_gold"] < c["min_gold"] and n["d_eval_gold"] < c["d_eval_gold"]
+        out[3] = (f"{'Reproduced' if ok else 'Not reproduced'}: without clipping Δgold {n['d_eval_gold']:+.3f} "
+                  f"(worst {n['min_gold']:+.3f}) vs with clipping {c['d_eval_gold']:+.3f} (worst {c['min_gold']:+.3f}) "
+                  "(rule: no-clip ends lower and dips lower).")
+    names = [beta_arm(b).name for b in sorted(betas)]
+    if len(names) >= 2 and all(n in m for n in names):
+        proxy = [m[n]["d_eval_reward"] for n in names]
+        gold = [m[n]["d_heldout_gold"] for n in names]
+        ok = proxy[0] > proxy[-1] and gold[0] < gold[-1]
+        out[4] = (f"{'Reproduced' if ok else 'Not reproduced'}: β {', '.join(f'{b:g}' for b in sorted(betas))} -> "
+                  f"Δproxy {', '.join(f'{v:+.3f}' for v in proxy)}, Δheld-out gold "
+                  f"{', '.join(f'{v:+.3f}' for v in gold)} (rule: the smallest β gains more proxy and less "
+                  "held-out gold than the largest).")
+    return out
+
+
+def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int]) -> Path:
+    """Training reward (per epoch) and evaluated gold (per checkpoint), mean over seeds, one line per arm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    for arm in arms:
+        runs = [out / arm.name / f"seed{s}" for s in seeds]
+        metrics = [read_jsonl(r / "metrics.jsonl") for r in runs]
+        evals = [read_jsonl(r / "eval.jsonl") for r in runs]
+        epochs = np.array([r["epoch"] for r in metrics[0]])
+        reward = np.mean([[r["reward_mean"] for r in m] for m in metrics], axis=0)
+        axes[0].plot(epochs, reward, label=arm.name)
+        e = np.array([r["epoch"] for r in evals[0]])
+        for ax, key in zip(axes[1:], ("eval_gold", "heldout_gold")):
+            ax.plot(e, np.mean([[r[key] for r in ev] for ev in evals], axis=0), marker="o", label=arm.name)
+    for ax, title in zip(axes, ("proxy reward of the epoch's samples", "gold (eval prompts)", "gold (held-out)")):
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"claim {claim}: mean over seeds {seeds}")
+    fig.tight_layout()
+    path = FIGURES / f"reproduce_prdp_claim{claim}.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--claims", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 10.0, 100.0])
+    parser.add_argument("--epochs", type=int, default=None, help="override every preset's epochs")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "reproduce")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    plan = {c: arms for c, arms in claims(args.betas).items() if c in args.claims}
+    unique = {arm.name: arm for arms in plan.values() for arm in arms}
+    jobs = [(arm, seed) for arm in unique.values() for seed in args.seeds]
+    with ThreadPoolExecutor(args.workers) as pool:
+        folders = list(pool.map(lambda job: run_arm(*job, args.out, args.epochs, args.threads), jobs))
+    results: dict[str, list[dict]] = {}
+    for (arm, _), folder in zip(jobs, folders):
+        results.setdefault(arm.name, []).append(final_scores(folder))
+    found = verdicts(results, args.betas)
+    from rewardtune.utils.benchmarks import command_line, header, update_section
+
+    parts = [header(command_line()), f"Seeds {args.seeds}; Δ = after the last epoch minus before finetuning, on "
+             "the fixed evaluation (the preset's evaluation prompts x seeds, drawn from the training prompts, and "
+             "its held-out prompts); mean ± std over seeds.\n"]
+    for claim, arms in plan.items():
+        figure = plot_claim(claim, arms, args.out, args.seeds)
+        parts.append(f"**Claim {claim}.** {found.get(claim, '')}\n\n{table(arms, results)}\n\n"
+                     f"![claim {claim}]({figure.relative_to(ROOT)})\n")
+    text = "\n".join(parts)
+    print(text)
+    if not args.no_write:
+        update_section("reproduce-prdp", text)
+
+
+if __name__ == "__main__":
+    main()

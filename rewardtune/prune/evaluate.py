@@ -22,7 +22,7 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     vals, vecs = torch.linalg.eigh(cov_a)
     root_a = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
     cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()  # Tr((S_a S_b)^(1/2))
-    return float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross)
+    return max(0.0, float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
 def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0,

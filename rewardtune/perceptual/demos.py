@@ -92,7 +92,8 @@ def _style(rng: np.random.Generator, size: int, colour_jitter: float = 0.08) -> 
     angle = rng.uniform(0, 2 * np.pi)
     light = rng.uniform(0.75, 1.2) * (1 + rng.uniform(0, 0.35) * ((np.cos(angle) * (xx - 0.5) + np.sin(angle) *
                                                                     (yy - 0.5))))
-    return {"background": background, "light": light[..., None], "colours": np.clip(PALETTE + rng.uniform(-colour_jitter, colour_jitter, PALETTE.shape), 0, 1),
+    colours = np.clip(PALETTE + rng.uniform(-colour_jitter, colour_jitter, PALETTE.shape), 0, 1)
+    return {"background": background, "light": light[..., None], "colours": colours,
             "jitter": rng.uniform(-3, 3, 4)}
 
 
@@ -170,9 +171,9 @@ def procedural_rollout(task: str, seed: int, kind: str = "expert", size: int = 6
         DRAW[task](canvas, float(p), style, hand)
         image = canvas.img * style["light"] + rng.normal(0, noise, canvas.img.shape)
         frames.append(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
-    phase = np.minimum((progress * PHASES).astype(int), PHASES - 1) if kind == "expert" else np.full(len(progress), -1)
-    if kind == "failed":
-        phase = np.minimum((progress * PHASES).astype(int), PHASES - 1)
+    phase = np.minimum((progress * PHASES).astype(int), PHASES - 1)
+    if kind == "random":
+        phase = np.full(len(progress), -1)
     return Rollout(np.stack(frames), phase, progress.astype(np.float64), kind)
 
 

@@ -13,6 +13,7 @@
 | ``pixels`` | the frame resized (antialiased) to ``size x size``, values in [0,1] |
 
 Heavy libraries (torchvision models, open_clip, transformers) are imported only by the extractor that needs them.
+Raw Inception activations are ~10 MB per frame in float32: fit them on few, short demos (or use ``pooled=True``).
 """
 
 from __future__ import annotations
@@ -301,7 +302,8 @@ def load_extractor(name: str, options: dict[str, Any] | None = None, **more: Any
         return factory(**options)
     except TypeError as exc:
         if "unexpected keyword argument" in str(exc):
-            raise UserError(f"feature extractor {base!r} does not take option {str(exc).split(chr(39))[1]!r}") from None
+            bad = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
+            raise UserError(f"feature extractor {base!r} does not take option {bad!r}") from None
         raise
 
 

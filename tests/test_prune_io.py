@@ -84,3 +84,17 @@ def test_weights_from_another_pruning_are_refused(tmp_path):
     shutil.copy(tmp_path / "other" / "diffusion_pytorch_model.safetensors", tmp_path / "unet")
     with pytest.raises(UserError, match="does not match its config"):
         load_pruned_unet(tmp_path / "unet")
+
+
+def test_shapes_quality_scores_images_and_is_zero_against_itself():
+    from rewardtune.prune.evaluate import ShapesQuality
+
+    scorer = ShapesQuality()
+    images = torch.rand(6, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    prompts = ["a red circle", "a blue square"] * 3
+    reference = scorer.features(images)
+    quality = scorer(images, prompts, reference)
+    assert set(quality) == {"fidelity", "taste", "proxy", "fd"}
+    assert 0 <= quality["fidelity"] <= 1 and 0 <= quality["taste"] <= 1
+    assert quality["fd"] == pytest.approx(0.0, abs=1e-3)
+    assert scorer(images.flip(0), prompts, reference)["fd"] == pytest.approx(0.0, abs=1e-3)  # order-free

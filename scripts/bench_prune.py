@@ -1,6 +1,6 @@
 """Pruning benchmarks: size, MACs, speed and shapes-world quality of pruned UNets; writes BENCHMARKS.md (prune).
 
-    python scripts/bench_prune.py [--recovered build/prune] [--repeats 5] [--no-write] [--skip-sd15]
+    python scripts/bench_prune.py [--part all|shapes|sd15] [--recovered build/prune] [--repeats 5] [--no-write]
 
 * SD 1.5 UNet architecture (random weights, built from its config; no hub): parameters, MACs and UNet forward
   latency at 32x32 latents (batch 1), and 20-step DDIM sampling latency with classifier-free guidance at 16x16
@@ -96,7 +96,7 @@ def bench_sd15(repeats: int) -> str:
                       sample_warmup=0)
     del variants, original
     gc.collect()
-    return ("### SD 1.5 UNet architecture (random weights)\n\nMACs and UNet forward at 32x32 latents (256 px), batch "
+    return ("SD 1.5 UNet architecture (random weights).\n\nMACs and UNet forward at 32x32 latents (256 px), batch "
             "1, 77 tokens (median of --repeats); 20-step sampling at 16x16 latents, batch 1 with guidance (UNet "
             "batch 2), one timed run each. Random weights: speed only, no quality.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n")
 
@@ -132,8 +132,9 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
     prompts = read_prompts(HELDOUT)[:num_prompts]
     items, seeds = [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
     scorer = ShapesQuality()
-    reference = scorer.features(sample_images(pipe, items, seeds))
-    base = shapes_quality(pipe, original, scorer, items, seeds, reference)
+    images = sample_images(pipe, items, seeds)
+    reference = scorer.features(images)
+    base = scorer(images, items, reference)
     qrows = [quality_row("original", base, base)]
     for name, unet in [*variants.items(), *recovered_unets.items()][1:]:
         qrows.append(quality_row(name, shapes_quality(pipe, unet, scorer, items, seeds, reference), base))
@@ -146,7 +147,7 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             mrows.append(quality_row(f"{method} {ratio} (sparsity {sparsity(masks_of(masked)):.2f})", q, base))
             print(mrows[-1], flush=True)
     missing = [p for name, (_, p) in SHAPES_VARIANTS.items() if name not in found]
-    return ("### shapes-tiny\n\nUNet forward at batch 32 (8x8 latents); 20-step sampling of 16 images with guidance "
+    return ("shapes-tiny.\n\nUNet forward at batch 32 (8x8 latents); 20-step sampling of 16 images with guidance "
             "(UNet batch 32).\n\n" + SPEED_HEAD + "\n".join(rows) + "\n\n"
             f"Quality on {len(items)} held-out samples ({len(prompts)} prompts x 2 seeds, 20 DDIM steps, guidance 5); "
             "fidelity change relative to the original in brackets; FD = Frechet distance of tiny-CLIP image "
@@ -163,17 +164,22 @@ def main() -> None:
     parser.add_argument("--recovered", type=Path, default=ROOT / "build" / "prune")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--skip-sd15", action="store_true")
+    parser.add_argument("--part", choices=["all", "shapes", "sd15"], default="all",
+                        help="which section to measure (each writes its own section of BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    t0 = time.time()
-    parts = [bench_shapes(args.recovered, args.repeats, args.num_prompts)]
-    if not args.skip_sd15:
-        parts.append(bench_sd15(args.repeats))
-    text = header(command_line()) + "\n".join(parts) + f"\nBenchmark wall time {time.time() - t0:.0f} s.\n"
-    print(text)
-    if not args.no_write:
-        update_section("prune", text)
+    parts = {"shapes": lambda: bench_shapes(args.recovered, args.repeats, args.num_prompts),
+             "sd15": lambda: bench_sd15(args.repeats)}
+    for name, run in parts.items():
+        if args.part not in ("all", name):
+            continue
+        t0 = time.time()
+        title = {"shapes": "shapes-tiny", "sd15": "SD 1.5 UNet architecture"}[name]
+        text = (f"## Pruning: {title}\n\n" + header(command_line()) + run()
+                + f"\nWall time of this part: {time.time() - t0:.0f} s.\n")
+        print(text)
+        if not args.no_write:
+            update_section(f"prune-{name}", text)
 
 
 if __name__ == "__main__":

@@ -166,8 +166,11 @@ def test_pq_index_and_sap_by_hand():
     # p=.5, q=1: r = d (1+eta)^-2 (1-I)^1 = 4 * 0.25 = 1 -> c = min(1.2 * (1 - 1/4), 0.9) = 0.9
     assert sap_ratio(0.75, 4, eta=0.0) == pytest.approx(0.9)
     assert sap_ratio(0.1, 100, eta=0.0) == pytest.approx(1.2 * 0.1)
-    rows = sparsity_report(tiny_unet())
+    model = tiny_unet()
+    rows = sparsity_report(model)
     assert rows[-1].name == "<global>" and all(0 <= r.pq_index < 1 for r in rows)
+    flat = torch.cat([m.weight.detach().flatten() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))])
+    assert rows[-1].pq_index == pytest.approx(pq_index(flat), rel=1e-9)  # the global row adds per-layer sums
 
 
 def test_frechet_distance_by_hand():

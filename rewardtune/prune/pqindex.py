@@ -16,19 +16,25 @@ from torch import nn
 from rewardtune.prune.masks import prunable_weights
 
 
+def _sums(w: torch.Tensor, p: float, q: float, mask: torch.Tensor | None = None) -> tuple[int, float, float]:
+    """``(d, sum |w|^p, sum |w|^q)`` over the entries where ``mask`` is True (additive across layers)."""
+    v = w.detach().flatten().abs().double()
+    if mask is not None:
+        v = v[mask.flatten()]
+    return v.numel(), float(v.pow(p).sum()), float(v.pow(q).sum())
+
+
+def _from_sums(d: int, sum_p: float, sum_q: float, p: float, q: float) -> float:
+    if d == 0 or sum_q == 0:
+        return 0.0
+    return float(1 - d ** (1 / q - 1 / p) * sum_p ** (1 / p) / sum_q ** (1 / q))
+
+
 def pq_index(w: torch.Tensor, p: float = 0.5, q: float = 1.0, mask: torch.Tensor | None = None) -> float:
     """PQ Index of ``w`` (any shape; only entries where ``mask`` is True count)."""
     if not 0 < p < q:
         raise ValueError(f"PQ index needs 0 < p < q, got p={p}, q={q}")
-    v = w.detach().double().flatten().abs()
-    if mask is not None:
-        v = v[mask.flatten()]
-    d = v.numel()
-    norm_q = v.pow(q).sum().pow(1 / q)
-    if d == 0 or norm_q == 0:
-        return 0.0
-    norm_p = v.pow(p).sum().pow(1 / p)
-    return float(1 - d ** (1 / q - 1 / p) * norm_p / norm_q)
+    return _from_sums(*_sums(w, p, q, mask), p, q)
 
 
 def sap_ratio(index: float, d: int, p: float = 0.5, q: float = 1.0, eta: float = 0.001, gamma: float = 1.2,
@@ -49,16 +55,14 @@ class LayerSparsity:
 def sparsity_report(unet: nn.Module, p: float = 0.5, q: float = 1.0, **sap_options) -> list[LayerSparsity]:
     """Per Conv/Linear layer PQ Index and SAP suggestion, plus a ``<global>`` row over all weights (zeros of a
     masked model are left out)."""
-    rows, flat = [], []
+    rows, total = [], [0, 0.0, 0.0]
     for name, w in prunable_weights(unet).items():
-        mask = w != 0
-        index = pq_index(w, p, q, mask)
-        rows.append(LayerSparsity(name, int(mask.sum()), index, sap_ratio(index, int(mask.sum()), p, q,
-                                                                             **sap_options)))
-        flat.append(w.detach().flatten()[mask.flatten()])
-    allw = torch.cat(flat)
-    index = pq_index(allw, p, q)
-    rows.append(LayerSparsity("<global>", allw.numel(), index, sap_ratio(index, allw.numel(), p, q, **sap_options)))
+        d, sum_p, sum_q = _sums(w, p, q, w != 0)
+        index = _from_sums(d, sum_p, sum_q, p, q)
+        rows.append(LayerSparsity(name, d, index, sap_ratio(index, d, p, q, **sap_options)))
+        total = [total[0] + d, total[1] + sum_p, total[2] + sum_q]
+    index = _from_sums(*total, p, q)
+    rows.append(LayerSparsity("<global>", total[0], index, sap_ratio(index, total[0], p, q, **sap_options)))
     return rows
 
 

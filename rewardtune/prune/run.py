@@ -180,6 +180,14 @@ def _reference(pipe, cfg: PruneConfig):
     return scorer, reference
 
 
+def _sap(unet) -> tuple[float, float]:
+    """Global PQ index of the unpruned UNet and SAP's suggested prune ratio (Diao et al. 2023)."""
+    from rewardtune.prune.pqindex import sparsity_report
+
+    row = sparsity_report(unet)[-1]
+    return row.pq_index, row.suggested_ratio
+
+
 def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     """Prune -> recover -> evaluate -> save (see the module docstring); returns the summary."""
     from rewardtune.diffusion.loading import load_pipeline
@@ -195,6 +203,7 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     data = _distill_data(pipe, cfg) if needs_data else None
     pruned = prune_pipeline_unet(pipe, cfg, data)
     report: dict[str, Any] = {"method": cfg.method, "ratio": cfg.ratio, **summarize(pipe.unet, pruned)}
+    report["pq_index"], report["sap_ratio"] = _sap(pipe.unet)
     scorer, reference = _reference(pipe, cfg)
     if reference is not None:
         report["quality_original"] = reference["quality"]
@@ -217,6 +226,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"pruned pipeline: {summary['out']}  (method {summary['method']}, ratio {summary['ratio']})",
              f"parameters {summary['params']:,} -> {summary['params_pruned']:,} (x{summary['param_ratio']:.3f}), "
              f"MACs {summary['macs']:,} -> {summary['macs_pruned']:,} (x{summary['mac_ratio']:.3f})"]
+    lines.append(f"PQ index of the unpruned weights {summary['pq_index']:.4f}: SAP suggests pruning "
+                 f"{summary['sap_ratio']:.3f} of the weights")
     if "sparsity" in summary:
         lines.append(f"weight sparsity {summary['sparsity']:.3f} (masks: dense kernels gain no speed)")
     for key in ("quality_original", "quality_pruned", "quality_recovered"):

@@ -213,3 +213,5 @@ def test_unsupported_modules_and_names(unet):
         prune_unet(unet, method="bogus")
     with pytest.raises(UserError, match="unknown pruning importance"):
         prune_unet(unet, importance="random")
+    with pytest.raises(UserError, match="ignored layer 'conv_outt' is not a module"):
+        prune_unet(unet, ignored=("conv_outt",))

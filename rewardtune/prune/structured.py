@@ -104,6 +104,10 @@ def prune_structured(unet: nn.Module, ratio: float = 0.5, importance: str = "mag
     check_unet(unet)
     ratio = check_ratio(ratio)
     scorer_factory = IMPORTANCES.get(importance)
+    names = dict(unet.named_modules())
+    unknown = [n for n in ignored if n not in names]
+    if unknown:
+        raise UserError(f"ignored layer {unknown[0]!r} is not a module of this UNet (e.g. conv_out, conv_in)")
     check_plan(unet, ratio, set(ignored))
     model = copy.deepcopy(unet).eval()
     model.requires_grad_(True)

@@ -276,3 +276,15 @@ def test_metrics():
     assert np.all(np.diff(labels) >= 0) and min(np.bincount(labels)) >= 2
     assert spearman(np.array([1, 2, 3, 4.0]), np.array([10, 20, 30, 31.0])) == pytest.approx(1.0)
     assert spearman(np.array([1, 2, 2, 4.0]), np.array([4, 3, 2, 1.0])) == pytest.approx(-0.9486833)
+
+
+def test_inception_imagenet_weights_missing_offline_is_one_line_error(monkeypatch):
+    import torchvision.models._api as api
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(ModelNotFoundError, match="inception_v3 ImageNet weights are not in torch's cache") as info:
+        load_extractor("inception_v3")          # weights="imagenet", the default
+    assert "\n" not in str(info.value) and "weights=PATH" in str(info.value)

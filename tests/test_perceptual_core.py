@@ -186,6 +186,10 @@ def test_fit_and_load_errors(door_demos, tmp_path):
         PerceptualReward.fit(videos, 1, features="pixels")
     with pytest.raises(UserError, match="demo 1 has 2 frames, fewer than the 3 steps"):
         PerceptualReward.fit([videos[0], videos[1][:2]], 3, features="pixels")
+    with pytest.raises(UserError, match="demo1: a video of 20 frames cannot be split into 2 steps of at least 15"):
+        PerceptualReward.fit([videos[0], videos[1][:20]], 2, features="pixels", min_size=15)
+    with pytest.raises(UserError, match="feature_options only apply"):
+        PerceptualReward.fit(videos, 2, features=load_extractor("pixels"), feature_options={"size": 8})
     with pytest.raises(UserError, match="does not exist"):
         PerceptualReward.load(tmp_path / "missing.pt")
     (tmp_path / "other.pt").write_bytes(b"not a reward")

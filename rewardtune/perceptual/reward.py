@@ -216,6 +216,8 @@ class PerceptualReward:
         """
         videos = list(videos)
         cls._check_demos(videos, n_steps, names)
+        if isinstance(features, FeatureExtractor) and feature_options:
+            raise UserError("feature_options only apply when features is an extractor name, not an instance")
         extractor = features if isinstance(features, FeatureExtractor) else load_extractor(features, feature_options)
         embedded = [extractor.embed(v) for v in videos]
         return cls.fit_features(embedded, n_steps, extractor, objective=objective, min_size=min_size,
@@ -247,7 +249,10 @@ class PerceptualReward:
         demos, labels = [], []
         for name, feats in zip(names, embedded):
             size = min_size or default_min_size(len(feats), n_steps, min_fraction)
-            splits = discover_steps(feats, n_steps, size, objective)
+            try:
+                splits = discover_steps(feats, n_steps, size, objective)
+            except UserError as exc:
+                raise UserError(f"{name}: {exc}") from None
             demos.append({"name": str(name), "length": int(len(feats)), "splits": splits})
             labels.append(torch.from_numpy(labels_from_splits(splits, len(feats))))
         models = fit_step_models(torch.cat(list(embedded)), torch.cat(labels), n_steps, alpha, n_features, min_std)

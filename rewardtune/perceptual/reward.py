@@ -7,7 +7,9 @@
 Pipeline (for ``S`` steps, ``n`` selected features per step):
 
 1. **Features** of every frame (:mod:`rewardtune.perceptual.features`).
-2. **Steps**: each demo is split on its own by :func:`rewardtune.perceptual.steps.discover_steps`.
+2. **Steps**: each demo is split on its own by :func:`rewardtune.perceptual.steps.discover_steps`; ``fit``
+   defaults to the ``gaussian_ml`` objective (it matched the true steps far better than the paper's unweighted
+   objective on the Table 1 protocol, BENCHMARKS.md) and to steps of at least a quarter of the mean step length.
 3. **Selection** (Eq. 1): every feature is standardised by its mean and std over all training frames; per step,
    positives are that step's frames of all demos and negatives all other frames;
    ``z_i = alpha * |mu_i+ - mu_i-| - (sigma_i+ + sigma_i-)`` and the top ``n`` (alpha = 5, n = 32) are kept.
@@ -23,6 +25,8 @@ Pipeline (for ``S`` steps, ``n`` selected features per step):
 6. **Combination** (later steps pay more): ``doubling`` (default) ``sum_k 2^(k-1) r_k / (2^S - 1)``; ``sum``
    ``mean_k r_k``; ``furthest`` ``(index of the furthest step with r_k >= 0.5) / S`` (0 when none). All lie in
    [0,1]. ``shaped=True`` returns the VIP-style difference ``total[t] - total[t-1]`` (0 at t = 0) instead.
+   (The paper's Appendix A.1 was not available; doubling weights follow the team's unverified recollection of it,
+   normalised here so the total stays in [0,1].)
 
 Saved files (``.save``) hold only tensors and json-able metadata (``torch.load(weights_only=True)``), never a
 pickled module; the feature extractor is stored as its spec (name + options) and rebuilt on load.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,7 +29,7 @@ from rewardtune.prune import prune_unet
 from rewardtune.prune.common import count_macs, count_params, example_inputs
 from rewardtune.prune.masks import masks_of, sparsity
 from rewardtune.prune.evaluate import ShapesQuality, sample_images
-from rewardtune.utils.benchmarks import command_line, header, median_seconds, update_section
+from rewardtune.utils.benchmarks import command_line, header, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT = ROOT / "rewardtune" / "assets" / "prompts" / "shapes_heldout.txt"
@@ -44,30 +45,41 @@ SHAPES_VARIANTS = {  # name -> (prune_unet kwargs, preset whose CLI run gives th
 MASK_RATIOS = (0.3, 0.5, 0.7, 0.9)
 
 
-def sampling_seconds(pipe, unet, batch: int, repeats: int, size: int | None = None, steps: int = 20,
-                     warmup: int = 1) -> float:
-    """Median seconds of 20-step DDIM sampling (guidance 5, eta 0) of ``batch`` latents with ``unet``."""
+def sampler(pipe, unet, batch: int, size: int | None = None, steps: int = 20):
+    """A call that samples ``batch`` latents with ``unet`` in 20 DDIM steps (guidance 5, eta 0)."""
     stub = SimpleNamespace(unet=unet, scheduler=pipe.scheduler, vae_scale_factor=pipe.vae_scale_factor)
     embeds, negative = pipe.states[:1].expand(batch, -1, -1), pipe.empty.expand(batch, -1, -1)
     hw = None if size is None else size * pipe.vae_scale_factor
-    return median_seconds(lambda: sample_trajectories(stub, embeds, negative, generators_for(range(batch)),
-                                                      steps=steps, guidance=5.0, eta=0.0, height=hw, width=hw),
-                          repeats, warmup)
+    return lambda: sample_trajectories(stub, embeds, negative, generators_for(range(batch)), steps=steps,
+                                       guidance=5.0, eta=0.0, height=hw, width=hw)
+
+
+def interleaved_medians(calls: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per call, timing the calls in turn each round, so load drift on a shared machine hits
+    every model alike (a ratio of two medians then compares like with like)."""
+    times = {name: [] for name in calls}
+    for round_ in range(warmup + repeats):
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            if round_ >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def speed_rows(pipe, variants: dict, inputs, batch: int, repeats: int, size: int | None = None,
                sample_repeats: int = 3, sample_warmup: int = 1) -> list[str]:
     """Table rows: params, MACs, forward and sampling latency, speed-ups relative to the first (original) row."""
-    rows, ref = [], None
+    fwd = interleaved_medians({n: (lambda u=u: u(**inputs)) for n, u in variants.items()}, repeats)
+    smp = interleaved_medians({n: sampler(pipe, u, batch, size) for n, u in variants.items()}, sample_repeats,
+                              sample_warmup)
+    rows, ref = [], next(iter(variants))
     for name, unet in variants.items():
         params, macs = count_params(unet), count_macs(unet, inputs)
-        fwd = median_seconds(lambda: unet(**inputs), repeats)
-        smp = sampling_seconds(pipe, unet, batch, sample_repeats, size, warmup=sample_warmup)
-        ref = ref or (fwd, smp)
         masks = masks_of(unet)
         sparse = f"{sparsity(masks):.2f}" if masks else "–"
-        rows.append(f"| {name} | {params / 1e6:.2f}M | {macs / 1e9:.3f}G | {sparse} | {fwd * 1e3:.1f} ms | "
-                    f"{ref[0] / fwd:.2f}x | {smp:.2f} s | {ref[1] / smp:.2f}x |")
+        rows.append(f"| {name} | {params / 1e6:.2f}M | {macs / 1e9:.3f}G | {sparse} | {fwd[name] * 1e3:.1f} ms | "
+                    f"{fwd[ref] / fwd[name]:.2f}x | {smp[name]:.2f} s | {smp[ref] / smp[name]:.2f}x |")
         print(rows[-1], flush=True)
     return rows
 
@@ -97,8 +109,8 @@ def bench_sd15(repeats: int) -> str:
     del variants, original
     gc.collect()
     return ("SD 1.5 UNet architecture (random weights).\n\nMACs and UNet forward at 32x32 latents (256 px), batch "
-            "1, 77 tokens (median of --repeats); 20-step sampling at 16x16 latents, batch 1 with guidance (UNet "
-            "batch 2), one timed run each. Random weights: speed only, no quality.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n")
+            "1, 77 tokens (interleaved rounds, median of --repeats); 20-step sampling at 16x16 latents, batch 1 with "
+            "guidance (UNet batch 2), one interleaved timed round. Random weights: speed only, no quality.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n")
 
 
 def shapes_quality(pipe, unet, scorer, items, seeds, reference) -> dict[str, float]:
@@ -111,8 +123,8 @@ def shapes_quality(pipe, unet, scorer, items, seeds, reference) -> dict[str, flo
 
 
 def quality_row(name: str, q: dict, base: dict) -> str:
-    loss = 100 * (base["fidelity"] - q["fidelity"]) / base["fidelity"]
-    return (f"| {name} | {q['fidelity']:.3f} ({loss:+.1f} %) | {q['taste']:.3f} | {q['proxy']:.2f} | "
+    change = 100 * (q["fidelity"] - base["fidelity"]) / base["fidelity"]
+    return (f"| {name} | {q['fidelity']:.3f} ({change:+.1f} %) | {q['taste']:.3f} | {q['proxy']:.2f} | "
             f"{q.get('fd', 0.0):.2f} |")
 
 
@@ -148,7 +160,8 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             print(mrows[-1], flush=True)
     missing = [p for name, (_, p) in SHAPES_VARIANTS.items() if name not in found]
     return ("shapes-tiny.\n\nUNet forward at batch 32 (8x8 latents); 20-step sampling of 16 images with guidance "
-            "(UNet batch 32).\n\n" + SPEED_HEAD + "\n".join(rows) + "\n\n"
+            "(UNet batch 32). Models are timed in turn, round after round (interleaved): medians of --repeats "
+            "rounds (sampling: 3 rounds), speed-ups are ratios of medians from the same rounds.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n\n"
             f"Quality on {len(items)} held-out samples ({len(prompts)} prompts x 2 seeds, 20 DDIM steps, guidance 5); "
             "fidelity change relative to the original in brackets; FD = Frechet distance of tiny-CLIP image "
             "features to the original's samples.\n\n| model | gold fidelity | taste | proxy reward | FD |\n"

@@ -35,7 +35,8 @@ Bad input exits with code 2 and a one-line message; --verbose shows library logs
 """
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -54,12 +55,12 @@ def _add_sample(sub) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts", metavar="FILE", help="prompt file: .txt (one per line), .csv or .jsonl")
-    p.add_argument("--num-images", type=_positive_int, default=4, help="images per prompt (default 4)")
-    p.add_argument("--steps", type=_positive_int, default=20, help="DDIM steps (default 20)")
+    p.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps (default 20)")
     p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed+k (default 0)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=positive_int, default=64)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
@@ -152,7 +153,7 @@ def _add_score(sub) -> None:
     src.add_argument("--prompt", help="one prompt for every image")
     src.add_argument("--prompts", metavar="FILE", help=".txt (one per image, sorted file order) or .csv/.jsonl "
                      "with path,prompt")
-    p.add_argument("--batch-size", type=_positive_int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--out", default=None, help="write rows to FILE (.csv or .jsonl)")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
     p.add_argument("--device", default="cpu")

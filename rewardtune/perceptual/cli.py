@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
+from rewardtune.cli import positive_int
 from rewardtune.errors import UserError
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
@@ -48,17 +38,17 @@ def add_parser(subparsers) -> None:
                            description="e.g. rewardtune perceptual learn --videos 'demos/*.mp4' --steps 2 "
                                        "--features random-cnn --out reward.pt --plot steps.png")
     learn.add_argument("--videos", required=True, help="folder or glob of demos: mp4, webm, gif, or frame folders")
-    learn.add_argument("--steps", type=_positive_int, required=True, help="steps per demo (>= 2)")
+    learn.add_argument("--steps", type=positive_int, required=True, help="steps per demo (>= 2)")
     learn.add_argument("--features", default="random-cnn", help="feature extractor: inception_v3, "
                        "openclip:<model>, shapes-clip, random-cnn, pixels (default random-cnn)")
     learn.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
                        help="extractor option, repeatable (e.g. weights=inception.pth, pooled=false, size=32)")
     learn.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,
                        help=f"step-discovery objective (default {DEFAULT_OBJECTIVE})")
-    learn.add_argument("--min-size", type=_positive_int, default=None,
+    learn.add_argument("--min-size", type=positive_int, default=None,
                        help="minimum frames per step (default: a quarter of the mean step length)")
     learn.add_argument("--alpha", type=float, default=5.0, help="Eq. 1 weight of the mean gap (default 5)")
-    learn.add_argument("--n-features", type=_positive_int, default=32, help="features kept per step (default 32)")
+    learn.add_argument("--n-features", type=positive_int, default=32, help="features kept per step (default 32)")
     learn.add_argument("--combine", choices=COMBINES, default="doubling", help="default step combination")
     learn.add_argument("--out", required=True, help="reward file to write (e.g. reward.pt)")
     learn.add_argument("--plot", default=None, help="also write a PNG of the demos' discovered steps")

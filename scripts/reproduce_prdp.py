@@ -81,14 +81,15 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 def final_scores(folder: Path) -> dict[str, float]:
-    """After-minus-before and after values of the fixed evaluation, the worst evaluated gold, and run time."""
+    """After-minus-before and after values of the fixed evaluation, the worst evaluated gold, and the minutes of
+    sampling, scoring and updating (evaluation excluded)."""
     evals = read_jsonl(folder / "eval.jsonl")
-    summary = json.loads((folder / "summary.json").read_text())
     first, last = evals[0], evals[-1]
     scores = {f"{k}": last[k] for k in last if k != "epoch"}
     scores.update({f"d_{k}": last[k] - first[k] for k in last if k != "epoch"})
     scores["min_gold"] = min(r["eval_gold"] for r in evals) - first["eval_gold"]
-    scores["minutes"] = summary["seconds"] / 60
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    scores["minutes"] = sum(r[f"seconds_{k}"] for r in metrics for k in ("sampling", "reward", "update")) / 60
     return scores
 
 
@@ -106,7 +107,7 @@ def table(arms: list[Arm], results: dict[str, list[dict]]) -> str:
     keys = [("d_eval_reward", "Δ proxy (train prompts)"), ("d_eval_gold", "Δ gold (train prompts)"),
             ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
             ("min_gold", "worst Δ gold during run")]
-    lines = ["| run | " + " | ".join(label for _, label in keys) + " | minutes |", "|---" * (len(keys) + 2) + "|"]
+    lines = ["| run | " + " | ".join(label for _, label in keys) + " | train minutes |", "|---" * (len(keys) + 2) + "|"]
     for arm in arms:
         rows = results[arm.name]
         lines.append(f"| {arm.name} | " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in keys)
@@ -156,7 +157,7 @@ def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int]) -> Path
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for arm in arms:
         runs = [out / arm.name / f"seed{s}" for s in seeds]
         metrics = [read_jsonl(r / "metrics.jsonl") for r in runs]
@@ -165,9 +166,10 @@ def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int]) -> Path
         reward = np.mean([[r["reward_mean"] for r in m] for m in metrics], axis=0)
         axes[0].plot(epochs, reward, label=arm.name)
         e = np.array([r["epoch"] for r in evals[0]])
-        for ax, key in zip(axes[1:], ("eval_gold", "heldout_gold")):
+        for ax, key in zip(axes[1:], ("eval_reward", "eval_gold", "heldout_gold")):
             ax.plot(e, np.mean([[r[key] for r in ev] for ev in evals], axis=0), marker="o", label=arm.name)
-    for ax, title in zip(axes, ("proxy reward of the epoch's samples", "gold (eval prompts)", "gold (held-out)")):
+    titles = ("proxy of each epoch's samples", "proxy (eval prompts)", "gold (eval prompts)", "gold (held-out)")
+    for ax, title in zip(axes, titles):
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)

@@ -104,7 +104,7 @@ def mean(values: list[float]) -> float:
 
 
 def table(arms: list[Arm], results: dict[str, list[dict]]) -> str:
-    keys = [("d_eval_reward", "Δ proxy (train prompts)"), ("d_eval_gold", "Δ gold (train prompts)"),
+    keys = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
             ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
             ("min_gold", "worst Δ gold during run")]
     lines = ["| run | " + " | ".join(label for _, label in keys) + " | train minutes |", "|---" * (len(keys) + 2) + "|"]
@@ -205,8 +205,10 @@ def main() -> None:
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     parts = [header(command_line()), f"Seeds {args.seeds}; Δ = after the last epoch minus before finetuning, on "
-             "the fixed evaluation (the preset's evaluation prompts x seeds, drawn from the training prompts, and "
-             "its held-out prompts); mean ± std over seeds.\n"]
+             "the fixed evaluation: the presets' 8 evaluation prompts x 4 seeds (training prompts of shapes_small; "
+             "for the large presets mostly prompts outside their 6,000) and 16 held-out prompts (attribute "
+             "combinations never rendered for training), one image each; mean ± std over seeds. Every run: "
+             f"{'the preset' if args.epochs is None else f'{args.epochs} epochs'} of N=6 prompts x B=6 images.\n"]
     for claim, arms in plan.items():
         figure = plot_claim(claim, arms, args.out, args.seeds)
         parts.append(f"**Claim {claim}.** {found.get(claim, '')}\n\n{table(arms, results)}\n\n"

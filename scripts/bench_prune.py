@@ -8,7 +8,8 @@
 * shapes-tiny: the same for the embedded model (8x8 latents, sampling at batch 16), and quality on held-out prompts
   (gold fidelity and taste, proxy reward, Frechet distance on tiny-CLIP features to the original's samples for the
   same prompts and seeds) before recovery and after recovery. Recovered models are the pipeline folders written by
-  ``rewardtune prune configs/prune/<preset>.yaml out=<recovered>/<preset>``; missing ones are listed as not run.
+  ``rewardtune prune configs/prune/<preset>.yaml out=<recovered>/<preset>``; missing ones are listed as not run,
+  found ones with the recovery settings of their run (``<recovered>/<preset>/config.yaml``).
 * Masks (global magnitude, lottery): sparsity against quality; dense kernels do the same work, so no speed-up.
 """
 
@@ -128,6 +129,20 @@ def quality_row(name: str, q: dict, base: dict) -> str:
             f"{q.get('fd', 0.0):.2f} |")
 
 
+def recovery_settings(run_dir: Path) -> str:
+    """The ``recover`` block of a ``rewardtune prune`` run's resolved config, as one line."""
+    from rewardtune.config import read_yaml
+
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        return "settings unknown (no config.yaml)"
+    r = read_yaml(path).get("recover", {})
+    return (f"{r.get('steps')} steps on {r.get('data')} data ({r.get('num_samples')} latents), batch "
+            f"{r.get('batch_size')}, lr {r.get('lr')} (cosine to 10 %), loss weights task/output/feature "
+            f"{r.get('task_weight')}/{r.get('output_weight')}/{r.get('feature_weight')}, weight EMA "
+            f"{r.get('ema', 0.0) or 'off'}")
+
+
 def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
     pipe = load_pipeline("shapes-tiny")
     pipe.states, pipe.empty = encode_prompts(pipe, ["a red circle on a white background"]), encode_prompts(pipe, [""])
@@ -159,6 +174,7 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             mrows.append(quality_row(f"{method} {ratio} (sparsity {sparsity(masks_of(masked)):.2f})", q, base))
             print(mrows[-1], flush=True)
     missing = [p for name, (_, p) in SHAPES_VARIANTS.items() if name not in found]
+    settings = "".join(f"- {name}: {recovery_settings(path.parent)}\n" for name, path in found.items())
     return ("shapes-tiny.\n\nUNet forward at batch 32 (8x8 latents); 20-step sampling of 16 images with guidance "
             "(UNet batch 32). Models are timed in turn, round after round (interleaved): medians of --repeats "
             "rounds (sampling: 3 rounds), speed-ups are ratios of medians from the same rounds.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n\n"
@@ -166,6 +182,7 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             "fidelity change relative to the original in brackets; FD = Frechet distance of tiny-CLIP image "
             "features to the original's samples.\n\n| model | gold fidelity | taste | proxy reward | FD |\n"
             "|---|---|---|---|---|\n" + "\n".join(qrows) + "\n"
+            + (f"\nRecovery (distillation from the original) of the recovered rows:\n\n{settings}" if settings else "")
             + (f"\nNot run (no recovered folder under `{recovered}`): {', '.join(missing)}.\n" if missing else "")
             + "\nMasks without retraining (lottery: 3 rounds of global magnitude pruning with rewinding, no "
             "training between rounds here). Zeroed weights in dense tensors: same MACs, same latency.\n\n"

@@ -38,6 +38,7 @@ def test_prune_cli_taylor_blocks_and_lottery(tiny_pipeline_dir, tmp_path):
     ("ratio=0", "config key 'ratio' must be strictly between 0 and 1"),
     ("method=bogus", "config key 'method' must be one of blocks, lottery, magnitude, structured"),
     ("ratio=0.9", "would remove a whole layer"),
+    ("recover.ema=1", "config key 'recover.ema' must be in [0, 1)"),
 ])
 def test_prune_cli_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys, override, message):
     assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, override]) == 2

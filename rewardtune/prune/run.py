@@ -24,7 +24,8 @@ PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 
 @dataclass
 class RecoverConfig:
-    """Distillation from the unpruned model (``steps: 0`` skips recovery)."""
+    """Distillation from the unpruned model (``steps: 0`` skips recovery; ``ema``: decay of the moving average of
+    the student's weights that recovery ends with, 0 for the last step's weights)."""
 
     steps: int = 300
     batch_size: int = 32
@@ -34,9 +35,11 @@ class RecoverConfig:
     task_weight: float = 1.0
     output_weight: float = 1.0
     feature_weight: float = 1.0
+    ema: float = 0.0
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, "steps", ">= 0", self.steps)
+        require(0 <= self.ema < 1, "ema", "in [0, 1)", self.ema)
         require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         require(self.lr > 0, "lr", "> 0", self.lr)
         require(self.num_samples >= 1, "num_samples", "at least 1", self.num_samples)
@@ -130,7 +133,7 @@ def _recover(student, teacher, data, cfg: PruneConfig, steps: int, masks=None, d
             bar.update()
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         return distill(student, teacher, data, steps=steps, batch_size=r.batch_size, lr=r.lr, weights=weights,
-                       masks=masks, seed=cfg.seed, progress=progress)
+                       masks=masks, seed=cfg.seed, progress=progress, ema=r.ema)
 
 
 def prune_pipeline_unet(pipe, cfg: PruneConfig, data) -> torch.nn.Module:

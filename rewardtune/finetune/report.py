@@ -40,9 +40,11 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], sampling: Sampling
     return generate_images(pipe, prompts, seeds, cfg)
 
 
-def evaluate(session, evals: EvalSet, heldout: list[str], sampling: SamplingConfig, out: Path, epoch: int) -> dict:
+def evaluate(session, evals: EvalSet, heldout: list[str], sampling: SamplingConfig, out: Path, epoch: int,
+             heldout_scores: dict[str, float] | None = None) -> dict:
     """Sample the evaluation prompts (rows) x seeds (columns) into ``out/grids/epoch_NNNN.png``, score them with
-    the trained reward and the gold reward, score the held-out prompts, and append the scores to ``eval.jsonl``.
+    the trained reward and the gold reward, score the held-out prompts (or take ``heldout_scores`` already computed
+    for this model, e.g. by the epoch's metrics), and append the scores to ``eval.jsonl``.
 
     Returns ``{epoch, eval_reward[, eval_gold][, heldout_reward, heldout_gold]}``.
     """
@@ -53,7 +55,7 @@ def evaluate(session, evals: EvalSet, heldout: list[str], sampling: SamplingConf
     logger.info("wrote %s", path)
     record = {"epoch": epoch, **_scores(session, images, prompts, "eval")}
     if heldout:
-        record.update(score_heldout(session, heldout, sampling))
+        record.update(heldout_scores or score_heldout(session, heldout, sampling))
     append_metrics(Path(out) / "eval.jsonl", record)
     return record
 

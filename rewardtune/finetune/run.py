@@ -59,7 +59,8 @@ class RunConfig:
     ``prompts`` / ``prompts_file``: the training prompt set, exactly one: inline, or any source of
     :func:`rewardtune.prompts.read_prompts` (text/CSV/JSON(L)/Parquet files, local HF dataset folders, the HPDv2
     and Pick-a-Pic layouts); ``prompts_column`` / ``prompts_split`` pick the column and split of tables and
-    datasets (``heldout_split`` for the held-out source); repeated prompts are dropped (``unique_prompts``) so every distinct prompt is drawn equally often.
+    datasets (``heldout_split`` for the held-out source); repeated prompts are dropped (``unique_prompts``) so
+    every distinct prompt is drawn equally often.
     ``heldout_prompts`` / ``heldout_prompts_file``: optional; the first ``heldout_count`` are sampled once per
     epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
     adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
@@ -333,7 +334,8 @@ def run_finetune(cfg: RunConfig) -> dict:
             accelerator.wait_for_everyone()
             if main:
                 save_checkpoint(out, done, session.pipe.unet, session.optimizer, session.algorithm, cfg.keep_last)
-                evaluate(session, evals, plan.heldout, cfg.train.sampling, out, done)
+                scored = {k: record[k] for k in ("heldout_reward", "heldout_gold") if k in record}
+                evaluate(session, evals, plan.heldout, cfg.train.sampling, out, done, scored)  # held-out not redrawn
     accelerator.wait_for_everyone()
     final = out / "final"
     in_sync = ranks_in_sync(accelerator, accelerator.unwrap_model(session.unet))

@@ -10,6 +10,7 @@ Dataclasses check their own cross-field rules in ``__post_init__`` (raise ``Conf
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -69,11 +70,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+#: ``field(metadata=PATH)`` marks a setting that names a file or folder: a relative value in a YAML file means
+#: relative to that file when it exists there (so presets work from any working directory).
+PATH = {"path": True}
+
+
 def load_config(schema: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
     """Defaults of ``schema`` <- YAML file at ``path`` <- ``key=value`` overrides, validated."""
-    data = read_yaml(path) if path is not None else {}
+    data = resolve_paths(schema, read_yaml(path), Path(path).resolve().parent) if path is not None else {}
     data = _merge(data, parse_overrides(overrides or []))
     return from_dict(schema, data)
+
+
+def resolve_paths(schema: type, data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """``data`` with each relative value of a :data:`PATH` field that exists under ``base`` made absolute (other
+    values, e.g. shipped names such as ``shapes_small`` or hub ids, stay as written)."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(schema):
+        return data
+    hints, out = typing.get_type_hints(schema), dict(data)
+    for f in dataclasses.fields(schema):
+        value = out.get(f.name)
+        if f.metadata.get("path") and isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+            if (base / value).exists():
+                out[f.name] = str(base / value)
+        elif dataclasses.is_dataclass(hints.get(f.name)) and isinstance(value, dict):
+            out[f.name] = resolve_paths(hints[f.name], value, base)
+    return out
 
 
 def from_dict(schema: type[C], data: dict[str, Any], prefix: str = "") -> C:
@@ -157,15 +179,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads "1e-5" (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise bad from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad
+        if not math.isfinite(value):  # inf/nan settings would reach the weights (NaN UNets, black images)
+            raise ConfigError(f"config key {key!r} must be a finite number, got {value!r}")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad
+        if not -2**63 <= value < 2**64:  # seeds and counts beyond 64 bits overflow torch and numpy
+            raise ConfigError(f"config key {key!r} must fit in 64 bits, got {value!r}")
         return value
     if tp is str:
         if not isinstance(value, str):

@@ -94,7 +94,7 @@ def test_resume_after_crash_equals_uninterrupted_run(full_run, tiny_pipeline_dir
     out, _ = full_run
     resumed = tmp_path / "resumed"
     run(tiny_pipeline_dir, resumed, "epochs=1")  # "crashes" after epoch 1 (its checkpoint is written)
-    summary = run(tiny_pipeline_dir, resumed, "resume=auto")
+    summary = run(tiny_pipeline_dir, resumed, "resume=auto", "resume_allow_changes=[epochs]")
     assert summary["epochs_run"] == 1
     reference, again = read_metrics(out), read_metrics(resumed)
     assert [r["epoch"] for r in again] == [1, 2]

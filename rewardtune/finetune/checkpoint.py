@@ -7,27 +7,32 @@ A checkpoint is a folder ``output_dir/checkpoints/epoch_N`` (N = epochs complete
 * ``state.pt``: optimizer state, the algorithm's ``state_dict()`` (DDPO's stat tracker), RNG states (python,
   numpy, torch) and ``epoch``; plain tensors and containers only, loadable with ``weights_only=True``.
 
-Folders are written under a temporary name and renamed into place with ``os.replace``, so a crash never leaves a
-half-written ``epoch_N``. Only the last ``keep_last`` are kept.
+Folders are written under a temporary name, flushed to disk and renamed into place with ``os.replace``, so a crash
+or a power loss never leaves a half-written ``epoch_N``. Only the last ``keep_last`` are kept; resuming skips an
+unreadable newest checkpoint (with a warning) for the one before it.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
 import re
 import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rewardtune.errors import UserError
+from rewardtune.utils.io import atomic_write_json, fsync_dir, fsync_file
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+LORA_BASE = "rewardtune_base.json"  # in a LoRA final folder: {"model": the base pipeline it was trained on}
 _NAME = re.compile(r"^epoch_(\d+)$")
 
 
@@ -78,74 +83,139 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(output_dir: str | Path, epoch: int, unet, optimizer, algorithm, keep_last: int) -> Path:
-    """Write ``checkpoints/epoch_{epoch}`` atomically, then delete all but the newest ``keep_last``."""
-    from safetensors.torch import save_file
+    """Write ``checkpoints/epoch_{epoch}`` atomically (files and folder flushed to disk before the rename), then
+    delete all but the newest ``keep_last``.
 
+    Raises:
+        UserError: the disk is full (or another OS error); the earlier checkpoints are left intact.
+    """
     root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    final, tmp = root / f"epoch_{epoch}", root / f".tmp_epoch_{epoch}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file(trainable_state(unet), str(tmp / "trainable.safetensors"))
-    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "algorithm": algorithm.state_dict(),
-                "rng": rng_state()}, tmp / "state.pt")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    final = root / f"epoch_{epoch}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in [*root.glob(".tmp_epoch_*"), *root.glob(".old_epoch_*")]:  # left by a killed run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp_epoch_{epoch}_", dir=root))
+        try:
+            _write_checkpoint_files(tmp, epoch, unet, optimizer, algorithm)
+            _replace_folder(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:
+        kept = list_checkpoints(output_dir)
+        previous = f"the previous checkpoint {kept[-1][1]} is intact" if kept else "no earlier checkpoint exists"
+        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+        raise UserError(f"cannot save checkpoint {final}: {reason}; {previous}; free space (or fix the folder) "
+                        "and rerun with resume=auto") from None
     for _, old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("saved checkpoint %s", final)
     return final
 
 
-def resolve_resume(resume: str | None, output_dir: str | Path) -> Path | None:
-    """``None`` -> no resume; ``"auto"`` -> the latest checkpoint of ``output_dir`` (None when there is none);
-    a path -> that checkpoint folder, which must exist."""
+def _write_checkpoint_files(folder: Path, epoch: int, unet, optimizer, algorithm) -> None:
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(unet), str(folder / "trainable.safetensors"))
+    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "algorithm": algorithm.state_dict(),
+                "rng": rng_state()}, folder / "state.pt")
+    for name in ("trainable.safetensors", "state.pt"):
+        fsync_file(folder / name)
+    fsync_dir(folder)
+
+
+def _replace_folder(tmp: Path, final: Path) -> None:
+    """Move the complete folder ``tmp`` to ``final``; an older ``final`` is renamed aside first and deleted only
+    after the new one is in place, so at every moment one complete folder exists."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".old_{final.name}_{os.getpid()}")
+        os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_candidates(resume: str | None, output_dir: str | Path) -> list[Path]:
+    """Checkpoints to try, newest first: ``None`` -> none; ``"auto"`` -> every complete checkpoint of
+    ``output_dir`` (an unreadable newest one falls back to the one before); a path -> that folder only."""
     if resume is None:
-        return None
+        return []
     if resume == "auto":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
+        return [path for _, path in reversed(list_checkpoints(output_dir))]
     path = Path(resume)
     if not ((path / "state.pt").is_file() and (path / "trainable.safetensors").is_file()):
         raise UserError(f"resume={resume!r} is not a checkpoint folder (state.pt and trainable.safetensors); use "
                         "resume=auto or a path like OUTPUT_DIR/checkpoints/epoch_N")
-    return path
+    return [path]
 
 
-def load_checkpoint(folder: str | Path, unet, optimizer, algorithm) -> int:
-    """Restore weights, optimizer, algorithm state and RNG states from ``folder``; returns the epochs done."""
+def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(trainable tensors, state)`` of a checkpoint folder, both read completely before anything is applied.
+
+    Raises:
+        UserError: a file is truncated, empty or not a checkpoint.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    load_trainable_state(unet, load_file(str(folder / "trainable.safetensors")))
-    state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    algorithm.load_state_dict(state["algorithm"])
-    set_rng_state(state["rng"])
-    logger.info("resumed from %s (epoch %d)", folder, state["epoch"])
-    return int(state["epoch"])
+    try:
+        tensors = load_file(str(folder / "trainable.safetensors"))
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        if not tensors or not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("empty or incomplete")
+    except Exception as exc:  # safetensors, pickle and zip readers raise many types on truncated files
+        detail = (str(exc).splitlines() or ["truncated"])[0].split(". ")[0]
+        raise UserError(f"checkpoint {str(folder)!r} is unreadable ({type(exc).__name__}: {detail})") from None
+    return tensors, state
 
 
-def save_final_model(pipe, unet, folder: str | Path, lora: bool) -> Path:
+def load_checkpoint(folders: str | Path | list[Path], unet, optimizer, algorithm) -> int:
+    """Restore weights, optimizer, algorithm state and RNG states from the first readable folder of ``folders``
+    (newest first; each unreadable one is skipped with a warning); returns the epochs done."""
+    folders = [Path(folders)] if isinstance(folders, (str, Path)) else list(folders)
+    for i, folder in enumerate(folders):
+        try:
+            tensors, state = read_checkpoint(folder)
+        except UserError as exc:
+            if i + 1 == len(folders):
+                raise UserError(f"{exc}; no readable checkpoint left to resume from") from None
+            logger.warning("%s; falling back to %s", exc, folders[i + 1])
+            continue
+        load_trainable_state(unet, tensors)
+        optimizer.load_state_dict(state["optimizer"])
+        algorithm.load_state_dict(state["algorithm"])
+        set_rng_state(state["rng"])
+        logger.info("resumed from %s (epoch %d)", folder, state["epoch"])
+        return int(state["epoch"])
+    raise UserError("no checkpoint to resume from")
+
+
+def save_final_model(pipe, unet, folder: str | Path, lora: bool, base_model: str | None = None) -> Path:
     """The trained model at ``folder``, written under a temporary name and renamed into place.
 
     Full finetuning: a diffusers pipeline folder (``pipe.save_pretrained``). LoRA: the adapter weights in the
-    diffusers LoRA format, loadable with ``pipe.load_lora_weights(folder)`` on the base pipeline.
+    diffusers LoRA format, loadable with ``pipe.load_lora_weights(folder)`` on the base pipeline, and
+    ``rewardtune_base.json`` naming that base (``base_model``) for ``rewardtune sample --lora``.
     """
     folder = Path(folder)
-    tmp = folder.with_name(f".tmp_{folder.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if lora:
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
+    for stale in [*folder.parent.glob(f".tmp_{folder.name}_*"), *folder.parent.glob(f".old_{folder.name}_*")]:
+        shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the run folder is locked: not in use)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{folder.name}_", dir=folder.parent))
+    try:
+        if lora:
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-        metadata = unet.peft_config["default"].to_dict()
-        type(pipe).save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
-    else:
-        pipe.save_pretrained(tmp)
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            metadata = unet.peft_config["default"].to_dict()
+            type(pipe).save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            if base_model is not None:
+                atomic_write_json(tmp / LORA_BASE, {"model": base_model})
+        else:
+            pipe.save_pretrained(tmp)
+        _replace_folder(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder

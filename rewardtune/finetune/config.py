@@ -78,7 +78,7 @@ class OptimConfig:
     max_grad_norm: float = 1.0
 
     def __post_init__(self) -> None:
-        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(0 < self.lr <= 1, "lr", "in (0, 1] (AdamW; finetuning uses ~1e-5)", self.lr)
         require(self.weight_decay >= 0, "weight_decay", ">= 0", self.weight_decay)
         require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
                 "two numbers in [0, 1)", self.betas)

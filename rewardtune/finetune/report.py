@@ -14,7 +14,7 @@ import torch
 
 from rewardtune.finetune.config import SamplingConfig
 from rewardtune.utils.images import make_grid, save_png
-from rewardtune.utils.io import atomic_write_text
+from rewardtune.utils.io import atomic_write_text, dumps_json
 
 logger = logging.getLogger(__name__)
 
@@ -163,15 +163,6 @@ def epoch_metrics(epoch: int, accelerator, rollouts, gold: torch.Tensor | None, 
     return record
 
 
-def _json_safe(value):
-    """NaN and infinities become null (JSON has no NaN); nested dicts are converted too."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
@@ -183,7 +174,7 @@ def append_metrics(path: str | Path, record: dict) -> Path:
     """Add ``record`` to the JSON-lines log, atomically; lines of this or later epochs (left by a run that
     crashed after logging but before its checkpoint) are dropped first."""
     kept = [r for r in read_metrics(path) if r.get("epoch", 0) < record["epoch"]]
-    lines = [json.dumps(_json_safe(r)) for r in kept + [record]]
+    lines = [dumps_json(r) for r in kept + [record]]
     return atomic_write_text(path, "\n".join(lines) + "\n")
 
 

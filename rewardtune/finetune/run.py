@@ -23,6 +23,7 @@ Run directory: ``config.yaml``, ``metrics.jsonl``, ``reward_curve.png``, ``grids
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -35,12 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewardtune.config import require, save_config
+from rewardtune.config import PATH, require, save_config
 from rewardtune.errors import UserError
-from rewardtune.finetune.checkpoint import load_checkpoint, resolve_resume, save_checkpoint, save_final_model
+from rewardtune.finetune.checkpoint import load_checkpoint, resume_candidates, save_checkpoint, save_final_model
 from rewardtune.finetune.config import FinetuneConfig
 from rewardtune.finetune.report import (EvalSet, append_metrics, before_after, epoch_metrics, evaluate,
-                                        plot_reward_curve, score_heldout)
+                                        plot_reward_curve, read_metrics, score_heldout)
 
 logger = logging.getLogger(__name__)
 
@@ -64,21 +65,23 @@ class RunConfig:
     ``heldout_prompts`` / ``heldout_prompts_file``: optional; the first ``heldout_count`` are sampled once per
     epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
     adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
-    checkpoint of ``output_dir``, or a fresh start) or a checkpoint folder. ``save_every``: checkpoint and grid
+    readable checkpoint of ``output_dir``, or a fresh start) or a checkpoint folder; a resume must keep the run's
+    settings except the dotted keys (or sections) listed in ``resume_allow_changes``, e.g. ``[epochs]`` to extend
+    a run (``output_dir``, ``resume``, ``keep_last`` and ``device`` may always change). ``save_every``: checkpoint and grid
     every that many epochs (and after the last); ``keep_last``: checkpoints kept. ``mixed_precision``: autocast
     of the UNet forward by accelerate (weights and optimizer stay fp32; log-probs are computed in fp32);
     ``gradient_checkpointing``: recompute UNet activations in the backward pass (less memory, ~30 % more time).
     """
 
-    model: str = "shapes-tiny"
+    model: str = field(default="shapes-tiny", metadata=PATH)
     gold_reward: str | None = None
     prompts: list[str] | None = None
-    prompts_file: str | None = None
+    prompts_file: str | None = field(default=None, metadata=PATH)
     prompts_column: str | None = None
     prompts_split: str = "train"
     unique_prompts: bool = True
     heldout_prompts: list[str] | None = None
-    heldout_prompts_file: str | None = None
+    heldout_prompts_file: str | None = field(default=None, metadata=PATH)
     heldout_split: str = "test"
     heldout_count: int = 8
     output_dir: str = "outputs/finetune"
@@ -86,6 +89,7 @@ class RunConfig:
     save_every: int = 5
     keep_last: int = 2
     resume: str | None = None
+    resume_allow_changes: list[str] = field(default_factory=list)
     lora_rank: int | None = None
     lora_alpha: float | None = None
     mixed_precision: str | None = None
@@ -116,13 +120,17 @@ class RunConfig:
         require(bool(str(self.output_dir).strip()), "output_dir", "a folder path", self.output_dir)
 
 
+#: Settings that may differ when a run is resumed: where and how it runs, not what it computes.
+RESUMABLE_FREELY = ("output_dir", "resume", "resume_allow_changes", "keep_last", "device")
+
+
 @dataclass
 class RunPlan:
-    """What :func:`validate_run` resolved: prompt lists and the checkpoint to resume from (or None)."""
+    """What :func:`validate_run` resolved: prompt lists and the settings that define the run."""
 
     prompts: list[str]
     heldout: list[str]
-    resume_from: Path | None
+    settings: dict
 
 
 def _prompt_list(inline: list[str] | None, path: str | None, key: str, cfg: RunConfig, split: str) -> list[str]:
@@ -137,14 +145,6 @@ def _prompt_list(inline: list[str] | None, path: str | None, key: str, cfg: RunC
     return prompts
 
 
-def _check_reward_spec(spec: str, key: str) -> None:
-    from rewardtune.rewards import REWARDS, parse_spec
-
-    for name, _ in parse_spec(spec):
-        if name not in REWARDS:
-            raise UserError(f"{key}: unknown reward {name!r}; choose one of: {', '.join(REWARDS.names())}")
-
-
 def _check_model(model: str) -> None:
     from rewardtune.diffusion.loading import resolve_model
 
@@ -153,12 +153,33 @@ def _check_model(model: str) -> None:
         raise UserError(f"model {model!r}: {str(source)!r} is not a diffusers pipeline folder (no model_index.json)")
 
 
+def run_settings(cfg: RunConfig) -> dict:
+    """The settings that define the run (everything but :data:`RESUMABLE_FREELY`), checked on resume."""
+    from rewardtune.config import to_dict
+
+    return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FREELY}
+
+
+def _check_allowed_changes(cfg: RunConfig, settings: dict) -> None:
+    from rewardtune.utils.runfolder import flatten
+
+    keys = flatten(settings)
+    for key in cfg.resume_allow_changes:
+        if not any(k == key or k.startswith(key + ".") for k in keys):
+            raise UserError(f"resume_allow_changes names {key!r}, which is not a config key; use dotted keys such "
+                            "as epochs, save_every or train.optim.lr")
+
+
 def validate_run(cfg: RunConfig, num_processes: int = 1) -> RunPlan:
     """Every check that needs files or registries, done before any model is loaded or anything is written."""
+    from rewardtune.rewards import check_reward_spec
+    from rewardtune.utils.devices import resolve_device
+
     train = cfg.train
-    _check_reward_spec(train.reward, "train.reward")
+    resolve_device(cfg.device)
+    check_reward_spec(train.reward, "train.reward")
     if cfg.gold_reward is not None:
-        _check_reward_spec(cfg.gold_reward, "gold_reward")
+        check_reward_spec(cfg.gold_reward, "gold_reward")
     _check_model(cfg.model)
     prompts = _prompt_list(cfg.prompts, cfg.prompts_file, "prompts", cfg, cfg.prompts_split)
     has_heldout = cfg.heldout_prompts or cfg.heldout_prompts_file
@@ -168,13 +189,11 @@ def validate_run(cfg: RunConfig, num_processes: int = 1) -> RunPlan:
     if train.prompts_per_epoch % num_processes or (groups and groups % num_processes):
         raise UserError(f"train.prompts_per_epoch={train.prompts_per_epoch} (and groups_per_update) must divide "
                         f"evenly over {num_processes} processes: prompt groups are never split")
-    out = Path(cfg.output_dir)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"output_dir {str(out)!r} exists and is not a folder")
-    if cfg.resume is None and (out / "metrics.jsonl").exists():
-        raise UserError(f"output_dir {str(out)!r} already holds a run; pass resume=auto to continue it or choose "
-                        "a new output_dir")
-    return RunPlan(prompts, heldout[:cfg.heldout_count], resolve_resume(cfg.resume, out))
+    if cfg.resume not in (None, "auto"):
+        resume_candidates(cfg.resume, cfg.output_dir)  # an explicit checkpoint folder must exist
+    settings = run_settings(cfg)
+    _check_allowed_changes(cfg, settings)
+    return RunPlan(prompts, heldout[:cfg.heldout_count], settings)
 
 
 @dataclass
@@ -304,27 +323,44 @@ def run_epoch(session: Session, cfg: RunConfig, plan: RunPlan, epoch: int) -> di
 
 
 def run_finetune(cfg: RunConfig) -> dict:
-    """Run (or resume) the finetuning job of ``cfg``; returns the summary of :func:`summarise_run`."""
+    """Run (or resume) the finetuning job of ``cfg``; returns the summary of :func:`summarise_run`.
+
+    The main process owns ``output_dir`` for the whole run (:func:`rewardtune.utils.runfolder.claim_run_folder`:
+    refuses a foreign folder, a folder in use, and a resume with other settings)."""
     from accelerate import Accelerator
+
+    from rewardtune.utils.runfolder import claim_run_folder
 
     accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
     plan = validate_run(cfg, accelerator.num_processes)
+    owner = contextlib.nullcontext()
+    if accelerator.is_main_process:
+        owner = claim_run_folder(cfg.output_dir, "finetune", plan.settings, resume=cfg.resume is not None,
+                                 allow_changes=cfg.resume_allow_changes)
+    with owner:
+        accelerator.wait_for_everyone()
+        return _train(cfg, plan, accelerator)
+
+
+def _train(cfg: RunConfig, plan: RunPlan, accelerator) -> dict:
+    """Build the session, resume, then epochs, checkpoints and evaluations; the final model and summary."""
+    from rewardtune.finetune.update import apply_optim_config
+
     seed_everything(cfg.train.seed)
     session = build_session(cfg, accelerator)
-    start = 0
-    if plan.resume_from is not None:
-        start = load_checkpoint(plan.resume_from, session.pipe.unet, session.optimizer, session.algorithm)
     out, main = Path(cfg.output_dir), accelerator.is_main_process
+    candidates = resume_candidates(cfg.resume, out)
+    start = load_checkpoint(candidates, session.pipe.unet, session.optimizer, session.algorithm) if candidates else 0
+    apply_optim_config(session.optimizer, cfg.train.optim)  # the restored state holds the run's old settings
     evals, began = EvalSet(cfg.eval_prompts, cfg.eval_seeds), time.perf_counter()
     if main:
-        out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
-        if start == 0:
-            evaluate(session, evals, plan.heldout, cfg.train.sampling, out, 0)
-    record: dict = {}
+        evaluate_if_missing(session, evals, plan, cfg.train.sampling, out, start)
+    records = read_metrics(out / "metrics.jsonl") if main else []
+    record: dict = next((r for r in records if r.get("epoch") == start), {})  # a finished run's last epoch
     bar = epoch_bar(range(start, cfg.epochs), main, cfg.train.algorithm)
     for epoch in bar:
-        record = run_epoch(session, cfg, plan, epoch)
+        record = _guarded_epoch(session, cfg, plan, epoch)
         done = epoch + 1
         if main:
             append_metrics(out / "metrics.jsonl", record)
@@ -342,9 +378,44 @@ def run_finetune(cfg: RunConfig) -> dict:
     summary = {}
     if main:
         session.pipe.unet = accelerator.unwrap_model(session.unet)
-        save_final_model(session.pipe, session.pipe.unet, final, lora=bool(cfg.lora_rank))
+        save_final_model(session.pipe, session.pipe.unet, final, lora=bool(cfg.lora_rank),
+                         base_model=base_model_name(cfg.model))
         summary = summarise_run(record, out, final, start, cfg.epochs, time.perf_counter() - began)
     return {**summary, "processes": accelerator.num_processes, "ranks_in_sync": in_sync}
+
+
+def _guarded_epoch(session: Session, cfg: RunConfig, plan: RunPlan, epoch: int) -> dict:
+    """:func:`run_epoch`; a divergence stops the run with one line naming the last good checkpoint."""
+    from rewardtune.finetune.checkpoint import list_checkpoints
+    from rewardtune.finetune.update import DivergedError
+
+    try:
+        return run_epoch(session, cfg, plan, epoch)
+    except DivergedError as exc:
+        kept = list_checkpoints(cfg.output_dir)
+        last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+        raise DivergedError(f"training diverged in epoch {epoch + 1}: {exc}; nothing was saved after it and {last}; "
+                            "lower train.optim.lr (resume with resume=auto resume_allow_changes=[train.optim.lr])"
+                            ) from None
+
+
+def evaluate_if_missing(session: Session, evals: EvalSet, plan: RunPlan, sampling, out: Path, epoch: int) -> None:
+    """Evaluate the model of ``epoch`` unless ``eval.jsonl`` has it: epoch 0 of a new run, or the resumed
+    checkpoint's evaluation when a kill came between saving the checkpoint and evaluating it."""
+    if any(r.get("epoch") == epoch for r in read_metrics(out / "eval.jsonl")):
+        return
+    record = next((r for r in read_metrics(out / "metrics.jsonl") if r.get("epoch") == epoch), {})
+    scored = {k: record[k] for k in ("heldout_reward", "heldout_gold") if record.get(k) is not None}
+    evaluate(session, evals, plan.heldout, sampling, out, epoch, scored or None)
+
+
+def base_model_name(model: str) -> str:
+    """What a LoRA final folder names as its base: a registered name or hub id as given, a local folder as an
+    absolute path (so the note works from any working directory)."""
+    from rewardtune.diffusion.loading import MODELS
+
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model not in MODELS and path.exists() else model
 
 
 def epoch_bar(epochs: range, enabled: bool, algorithm: str):

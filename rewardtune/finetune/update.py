@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rewardtune.diffusion.logprob import ddim_step_with_logprob
+from rewardtune.errors import UserError
 from rewardtune.diffusion.sampling import predict_noise
 
 if TYPE_CHECKING:
@@ -142,6 +143,13 @@ def make_optimizer(parameters, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
+def apply_optim_config(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> None:
+    """Set the config's hyperparameters on every parameter group: a restored optimizer state carries the old ones,
+    and a resume that was allowed to change ``train.optim`` must train with the new ones."""
+    for group in optimizer.param_groups:
+        group.update(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+
+
 def _loss_and_backward(unet, scheduler, rollouts: Rollouts, batch: Minibatch, loss_fn: Callable, cfg: FinetuneConfig,
                        backward: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``batch`` and, if it is finite, its gradient in the parameters' ``.grad``.
@@ -199,7 +207,30 @@ def gradient_step(unet, optimizer, scheduler, rollouts: Rollouts, batch: Minibat
         return {**record, "skipped": 1.0}
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    check_finite_state(optimizer)
     return record
+
+
+class DivergedError(UserError):
+    """The weights or the optimizer's moments stopped being finite after a step (the run must stop)."""
+
+
+def check_finite_state(optimizer: torch.optim.Optimizer) -> None:
+    """Raise :class:`DivergedError` unless every trainable tensor and optimizer state tensor is finite.
+
+    One fused norm per (device, dtype) group: a tensor is finite iff its norm is (an overflow of the norm itself
+    needs values near 1e19 in fp32, which is divergence too).
+    """
+    tensors = [p for group in optimizer.param_groups for p in group["params"]]
+    tensors += [v for state in optimizer.state.values() for v in state.values()
+                if torch.is_tensor(v) and v.is_floating_point() and v.numel() > 1]
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    bad = sum(int((~torch.isfinite(torch.stack(torch._foreach_norm(group)))).sum()) for group in groups.values())
+    if bad:
+        raise DivergedError(f"non-finite weights or optimizer state after a gradient step ({bad} of {len(tensors)} "
+                            "tensors)")
 
 
 def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algorithm: Algorithm, *, scheduler,

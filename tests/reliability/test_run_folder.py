@@ -253,3 +253,19 @@ def test_relative_paths_in_a_config_resolve_against_the_config_file(tmp_path, mo
     (tmp_path / "cfg" / "run.yaml").write_text("prompts_file: mine.txt\n")
     monkeypatch.chdir(tmp_path)
     assert validate_run(load_config(RunConfig, "cfg/run.yaml")).prompts == ["a red circle", "a blue square"]
+
+
+def test_a_learned_perceptual_reward_finetunes(tiny_pipeline_dir, tmp_path):
+    """Issue 10 item 10: demo videos -> perceptual reward file -> `finetune train.reward=perceptual:PATH`."""
+    from rewardtune.perceptual.demos import procedural_rollout
+    from rewardtune.perceptual.reward import PerceptualReward
+
+    demos = [procedural_rollout("door", seed, size=32).frames for seed in range(3)]
+    path = tmp_path / "door.pt"
+    PerceptualReward.fit(demos, n_steps=2, features="pixels", feature_options={"size": 12}).save(path)
+    out = tmp_path / "run"
+    assert main(args(tiny_pipeline_dir, out, f"train.reward=perceptual:{path}",
+                     f"gold_reward=perceptual:{path}:2,jpeg_compressibility:1")) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["steps"] == 1 and record["skipped"] == 0 and 0 <= record["reward_mean"] <= 1
+    assert set(record["reward_components"]) >= {f"perceptual:{path}"}

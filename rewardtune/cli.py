@@ -27,12 +27,41 @@ examples:
   rewardtune sample --model CompVis/stable-diffusion-v1-4 --prompts prompts.txt --steps 50
   rewardtune score --reward shapes_gold --images samples/ --prompts samples/manifest.csv
   rewardtune score --reward "pickscore:10,hpsv2:2,aesthetic:0.05" --images "out/*.png" --prompt "a cat"
+  rewardtune perceptual demos --task door --count 8 --out demos/
   rewardtune perceptual learn --videos demos/ --steps 2 --features random-cnn --out reward.pt
   rewardtune perceptual score --reward reward.pt --video test.mp4 --out rewards.csv --plot rewards.png
   rewardtune models
 
+`rewardtune COMMAND --help` shows a command's options; finetune and prune list every config key.
 Bad input exits with code 2 and a one-line message; --verbose shows library logs.
 """
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Wraps one-paragraph descriptions; text that holds line breaks (examples, key tables) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line (``rewardtune: error: ...``, exit 2) and whose epilog may
+    be a callable, rendered only when the help is shown (so listing config keys costs nothing otherwise)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        message = " ".join(message.split())
+        self.exit(2, f"rewardtune: error: {message} (see `{self.prog} --help`)\n")
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
 
 
 def positive_int(text: str) -> int:
@@ -84,9 +113,27 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+# The schema of each config job, imported only when its --help is shown (torch-free help for the rest).
+CONFIG_SCHEMAS = {"finetune": "rewardtune.finetune.run:RunConfig", "prune": "rewardtune.prune.config:PruneConfig"}
+
+
+def _schema_epilog(name: str):
+    """A callable that renders the config keys of job ``name`` (resolved by :meth:`Parser.format_help`)."""
+    def render() -> str:
+        import importlib
+
+        from rewardtune.confighelp import describe_config
+
+        module, _, attr = CONFIG_SCHEMAS[name].partition(":")
+        return describe_config(getattr(importlib.import_module(module), attr))
+    return render
+
+
 def _add_config_job(sub, name: str, help_text: str, description: str, handler) -> None:
-    """A subcommand that takes an optional YAML preset followed by ``key=value`` overrides."""
-    p = sub.add_parser(name, help=help_text, description=description)
+    """A subcommand that takes an optional YAML preset followed by ``key=value`` overrides; its --help lists the
+    config keys."""
+    epilog = _schema_epilog(name) if name in CONFIG_SCHEMAS else None
+    p = sub.add_parser(name, help=help_text, description=description, epilog=epilog)
     p.add_argument("config", nargs="?", help="YAML preset (default: the built-in defaults)")
     p.add_argument("overrides", nargs="*", help="key=value overrides (nested keys with dots: sample.steps=10)")
     p.set_defaults(handler=handler)
@@ -210,25 +257,24 @@ def _add_models(sub) -> None:
 
 
 def _cmd_models(args) -> int:
-    from rewardtune.diffusion.loading import MODELS
-    from rewardtune.rewards import reward_names
+    from rewardtune.models_table import PIPELINES, reward_names
 
     print("pipelines (--model):")
-    for name in MODELS.names():
-        print(f"  {name:12s} {MODELS.get(name)}")
+    for name in sorted(PIPELINES):
+        print(f"  {name:12s} {PIPELINES[name]}")
     print("rewards (--reward, combine as name:weight,name:weight):")
     print("  " + ", ".join(reward_names()))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rewardtune", description=DESCRIPTION, epilog=EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(prog="rewardtune", description=DESCRIPTION, epilog=EPILOG)
     parser.add_argument("--version", action="version", version=f"rewardtune {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library log messages")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for add in (_add_finetune, _add_sample, _add_score, _add_prune, _add_perceptual, _add_models):
         add(sub)
+    parser.commands = sub.choices  # main() names the command whose arguments were not recognized
     return parser
 
 
@@ -247,7 +293,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

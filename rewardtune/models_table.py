@@ -1,0 +1,50 @@
+"""Names of the registered pipelines and rewards, without importing torch (``rewardtune models`` answers at once).
+
+``rewardtune.diffusion.loading.MODELS`` and ``rewardtune.rewards.REWARDS``/``PATH_REWARDS`` hold the same names
+(a test keeps them equal); those registries import torch, this module only the standard library.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+PIPELINES: dict[str, str] = {
+    "shapes-tiny": str(ASSETS / "shapes-tiny"),
+    "sd14": "CompVis/stable-diffusion-v1-4",
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+    "sd21-base": "stabilityai/stable-diffusion-2-1-base",
+}
+
+REWARD_FACTORIES: dict[str, str] = {
+    "jpeg_compressibility": "rewardtune.rewards.jpeg:jpeg_compressibility",
+    "jpeg_incompressibility": "rewardtune.rewards.jpeg:jpeg_incompressibility",
+    "shapes_gold": "rewardtune.rewards.shapes:load_shapes_gold",
+    "shapes_alignment": "rewardtune.rewards.shapes:load_shapes_alignment",
+    "shapes_preference": "rewardtune.rewards.shapes:load_shapes_preference",
+    "hpsv2": "rewardtune.rewards.hpsv2:load_hpsv2",
+    "hpsv2.1": "rewardtune.rewards.hpsv2:load_hpsv21",
+    "clipscore": "rewardtune.rewards.clipscore:load_clipscore",
+    "pickscore": "rewardtune.rewards.pickscore:load_pickscore",
+    "aesthetic": "rewardtune.rewards.aesthetic:load_aesthetic",
+    "imagereward": "rewardtune.rewards.imagereward:load_imagereward",
+}
+
+# Rewards whose name carries a file: "perceptual:PATH".
+PATH_REWARD_FACTORIES: dict[str, str] = {
+    "perceptual": "rewardtune.perceptual.image_reward:load_perceptual_reward",
+}
+
+
+def pipeline_names() -> list[str]:
+    return sorted(PIPELINES)
+
+
+def reward_names() -> list[str]:
+    """As :func:`rewardtune.rewards.reward_names`: sorted names, then ``NAME:PATH`` for path rewards."""
+    return sorted(REWARD_FACTORIES) + [f"{name}:PATH" for name in sorted(PATH_REWARD_FACTORIES)]
+
+
+__all__ = ["PIPELINES", "REWARD_FACTORIES", "PATH_REWARD_FACTORIES", "pipeline_names", "reward_names"]

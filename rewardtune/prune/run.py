@@ -2,92 +2,27 @@
 
 Writes ``OUT/pipeline`` (a diffusers pipeline folder that ``rewardtune sample/score/finetune model=OUT/pipeline``
 load), ``OUT/report.json`` (achieved parameter/MAC ratios, quality before/after recovery), ``OUT/distill_log.jsonl``
-and the resolved ``OUT/config.yaml``.
+and the resolved ``OUT/config.yaml``. They appear together when the run completes (staged in a hidden sibling
+folder until then): an interrupted or diverged run leaves ``OUT`` as it was. The schema is in
+:mod:`rewardtune.prune.config`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from rewardtune.config import require, save_config
+from rewardtune.config import save_config
+from rewardtune.errors import UserError
+from rewardtune.outputs import StagedFolder
+from rewardtune.prune.config import PROMPTS, EvalConfig, PruneConfig, RecoverConfig
 from rewardtune.utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
-PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
-
-
-@dataclass
-class RecoverConfig:
-    """Distillation from the unpruned model (``steps: 0`` skips recovery; ``ema``: decay of the moving average of
-    the student's weights that recovery ends with, 0 for the last step's weights)."""
-
-    steps: int = 300
-    batch_size: int = 32
-    lr: float = 5e-4
-    data: Literal["teacher", "shapes"] = "teacher"
-    num_samples: int = 512
-    task_weight: float = 1.0
-    output_weight: float = 1.0
-    feature_weight: float = 1.0
-    ema: float = 0.0
-
-    def __post_init__(self) -> None:
-        require(self.steps >= 0, "steps", ">= 0", self.steps)
-        require(0 <= self.ema < 1, "ema", "in [0, 1)", self.ema)
-        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
-        require(self.lr > 0, "lr", "> 0", self.lr)
-        require(self.num_samples >= 1, "num_samples", "at least 1", self.num_samples)
-
-
-@dataclass
-class EvalConfig:
-    """Shapes-world quality on held-out prompts (``num_prompts: 0`` skips evaluation, e.g. for SD models)."""
-
-    num_prompts: int = 32
-    images_per_prompt: int = 2
-    steps: int = 20
-    guidance: float = 5.0
-    before_recovery: bool = True
-
-    def __post_init__(self) -> None:
-        require(self.num_prompts >= 0, "num_prompts", ">= 0", self.num_prompts)
-        require(self.images_per_prompt >= 1, "images_per_prompt", "at least 1", self.images_per_prompt)
-
-
-@dataclass
-class PruneConfig:
-    """What to prune and how; ``options`` are passed to the method (see :func:`rewardtune.prune.prune_unet`)."""
-
-    model: str = "shapes-tiny"
-    method: str = "structured"
-    ratio: float = 0.5
-    importance: str = "magnitude"
-    options: dict[str, Any] = field(default_factory=dict)
-    calibration_samples: int = 16
-    prompts_file: str = str(PROMPTS / "shapes_large.txt")
-    sample_steps: int = 20
-    guidance: float = 5.0
-    recover: RecoverConfig = field(default_factory=RecoverConfig)
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
-    out: str = "outputs/prune"
-    overwrite: bool = False
-    seed: int = 0
-    device: str = "cpu"
-
-    def __post_init__(self) -> None:
-        from rewardtune.prune import IMPORTANCES, METHODS
-
-        require(self.method in METHODS, "method", "one of " + ", ".join(METHODS.names()), self.method)
-        require(self.importance in IMPORTANCES, "importance", "one of " + ", ".join(IMPORTANCES.names()),
-                self.importance)
-        require(0 < self.ratio < 1, "ratio", "strictly between 0 and 1 (the fraction to remove)", self.ratio)
-        require(self.calibration_samples >= 1, "calibration_samples", "at least 1", self.calibration_samples)
+OUTPUT_NAMES = {"pipeline", "report.json", "distill_log.jsonl", "config.yaml"}
 
 
 def check_plan_early(unet, cfg: PruneConfig) -> None:
@@ -104,16 +39,14 @@ def check_plan_early(unet, cfg: PruneConfig) -> None:
                       bool(cfg.options.get("mid_block", False)))
 
 
-def _distill_data(pipe, cfg: PruneConfig):
+def _distill_data(pipe, cfg: PruneConfig, prompts: list[str] | None):
     from tqdm.auto import tqdm
 
-    from rewardtune.prompts import read_prompts
     from rewardtune.prune.recover import shapes_data, teacher_data
 
     n = max(cfg.recover.num_samples, cfg.calibration_samples)
     if cfg.recover.data == "shapes":
         return shapes_data(pipe, n, seed=cfg.seed)
-    prompts = read_prompts(cfg.prompts_file)
     rng = torch.Generator().manual_seed(cfg.seed)
     chosen = [prompts[i] for i in torch.randint(0, len(prompts), (n,), generator=rng).tolist()]
     with tqdm(total=n, desc="teacher samples", unit="img") as bar:
@@ -191,19 +124,29 @@ def _sap(unet) -> tuple[float, float]:
     return row.pq_index, row.suggested_ratio
 
 
-def run_prune(cfg: PruneConfig) -> dict[str, Any]:
-    """Prune -> recover -> evaluate -> save (see the module docstring); returns the summary."""
-    from rewardtune.diffusion.loading import load_pipeline
-    from rewardtune.prune import masks_of, summarize
-    from rewardtune.prune.io import save_pruned_pipeline
-    from rewardtune.sample import prepare_out_dir
+def _read_prompts(cfg: PruneConfig) -> list[str] | None:
+    """The teacher prompts, read before any model loads (None when the run samples no teacher data)."""
+    from rewardtune.prompts import read_prompts
 
-    pipe = load_pipeline(cfg.model, device=cfg.device)
-    check_plan_early(pipe.unet, cfg)
-    out = prepare_out_dir(cfg.out, cfg.overwrite)
-    save_config(cfg, out / "config.yaml")
-    needs_data = cfg.recover.steps > 0 or cfg.importance != "magnitude" or cfg.method == "lottery"
-    data = _distill_data(pipe, cfg) if needs_data else None
+    return read_prompts(cfg.prompts_file) if cfg.reads_prompts else None
+
+
+def check_finite(unet: torch.nn.Module, cfg: PruneConfig, history: list[dict] | None) -> None:
+    """Refuse to save a UNet with NaN/inf weights (recovery diverged): one line, nothing written."""
+    bad = [name for name, tensor in unet.state_dict().items()
+           if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad:
+        last = f"; last distillation loss {history[-1]['loss']:.4g}" if history else ""
+        raise UserError(f"the pruned UNet has non-finite weights after recovery ({len(bad)} tensors, e.g. "
+                        f"{bad[0]}{last}); nothing was saved; lower recover.lr (now {cfg.recover.lr:g}) or set "
+                        "recover.steps=0")
+
+
+def _prune_and_recover(pipe, cfg: PruneConfig, prompts: list[str] | None, stage) -> tuple[Any, dict[str, Any]]:
+    """Prune, evaluate, recover and evaluate again; returns the pruned UNet and the report."""
+    from rewardtune.prune import masks_of, summarize
+
+    data = _distill_data(pipe, cfg, prompts) if cfg.needs_data else None
     pruned = prune_pipeline_unet(pipe, cfg, data)
     report: dict[str, Any] = {"method": cfg.method, "ratio": cfg.ratio, **summarize(pipe.unet, pruned)}
     report["pq_index"], report["sap_ratio"] = _sap(pipe.unet)
@@ -212,14 +155,39 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
         report["quality_original"] = reference["quality"]
         if cfg.evaluate.before_recovery:
             report["quality_pruned"] = _evaluate(pipe, pruned, cfg, scorer, reference)
+    history = None
     if cfg.recover.steps > 0:
         history = _recover(pruned, pipe.unet, data, cfg, cfg.recover.steps, masks_of(pruned) or None)
-        (out / "distill_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+        check_finite(pruned, cfg, history)
+        (stage / "distill_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
         report["distill_loss"] = [history[0]["loss"], history[-1]["loss"]]
         if reference is not None:
             report["quality_recovered"] = _evaluate(pipe, pruned, cfg, scorer, reference)
-    save_pruned_pipeline(pipe, pruned, out / "pipeline")
-    atomic_write_json(out / "report.json", report)
+    check_finite(pruned, cfg, history)
+    return pruned, report
+
+
+def run_prune(cfg: PruneConfig) -> dict[str, Any]:
+    """Prune -> recover -> evaluate -> save (see the module docstring); returns the summary.
+
+    The output folder, the prompts file and the plan are checked before the slow parts; the files are written
+    into a hidden staging folder next to ``cfg.out`` and moved in at the end, so an interrupted run leaves
+    ``cfg.out`` as it was.
+    """
+    from rewardtune.diffusion.loading import load_pipeline
+    from rewardtune.prune.io import save_pruned_pipeline
+
+    staged = StagedFolder(cfg.out, cfg.overwrite, OUTPUT_NAMES, done="report.json", command="prune")
+    staged.check()
+    prompts = _read_prompts(cfg)
+    pipe = load_pipeline(cfg.model, device=cfg.device)
+    check_plan_early(pipe.unet, cfg)
+    with staged as stage:
+        pruned, report = _prune_and_recover(pipe, cfg, prompts, stage)
+        save_pruned_pipeline(pipe, pruned, stage / "pipeline")
+        save_config(cfg, stage / "config.yaml")
+        atomic_write_json(stage / "report.json", report)
+        out = staged.commit()
     logger.info("wrote %s", out)
     return {"out": str(out / "pipeline"), **report}
 
@@ -239,4 +207,4 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["PruneConfig", "RecoverConfig", "EvalConfig", "run_prune", "format_summary"]
+__all__ = ["PruneConfig", "RecoverConfig", "EvalConfig", "run_prune", "format_summary", "check_finite"]

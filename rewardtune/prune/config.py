@@ -1,0 +1,113 @@
+"""The schema of ``rewardtune prune`` (imports no torch, so ``prune --help`` can list its keys at once)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rewardtune.config import require
+from rewardtune.errors import ConfigError
+
+PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass
+class RecoverConfig:
+    """Distillation from the unpruned model (the teacher) after pruning."""
+
+    steps: int = field(default=300, metadata=_help("AdamW steps; 0 skips recovery"))
+    batch_size: int = field(default=32, metadata=_help("noisy latents per step"))
+    lr: float = field(default=5e-4, metadata=_help("peak learning rate (cosine to 10 %)"))
+    data: Literal["teacher", "shapes"] = field(default="teacher", metadata=_help(
+        "teacher: samples of the unpruned model for prompts_file; shapes: rendered shapes"))
+    num_samples: int = field(default=512, metadata=_help("distillation latents to draw"))
+    task_weight: float = field(default=1.0, metadata=_help("weight of the noise-prediction loss"))
+    output_weight: float = field(default=1.0, metadata=_help("weight of matching the teacher's output"))
+    feature_weight: float = field(default=1.0, metadata=_help("weight of matching the teacher's block features"))
+    ema: float = field(default=0.0, metadata=_help("decay of a moving average of the weights; 0: last step's"))
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 0, "steps", ">= 0", self.steps)
+        require(0 <= self.ema < 1, "ema", "in [0, 1)", self.ema)
+        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.num_samples >= 1, "num_samples", "at least 1", self.num_samples)
+
+
+@dataclass
+class EvalConfig:
+    """Shapes-world quality on held-out prompts."""
+
+    num_prompts: int = field(default=32, metadata=_help("held-out prompts; 0 skips evaluation (e.g. SD models)"))
+    images_per_prompt: int = field(default=2, metadata=_help("images per prompt (seeds 0, 1, ...)"))
+    steps: int = field(default=20, metadata=_help("DDIM steps of the evaluation samples"))
+    guidance: float = field(default=5.0, metadata=_help("classifier-free guidance of the evaluation samples"))
+    before_recovery: bool = field(default=True, metadata=_help("also evaluate the pruned UNet before recovery"))
+
+    def __post_init__(self) -> None:
+        require(self.num_prompts >= 0, "num_prompts", ">= 0", self.num_prompts)
+        require(self.images_per_prompt >= 1, "images_per_prompt", "at least 1", self.images_per_prompt)
+
+
+@dataclass
+class PruneConfig:
+    """What to prune and how (see :func:`rewardtune.prune.prune_unet`)."""
+
+    model: str = field(default="shapes-tiny", metadata=_help("registered name, pipeline folder or hub id"))
+    method: str = field(default="structured", metadata=_help("structured, blocks, magnitude or lottery"))
+    ratio: float = field(default=0.5, metadata=_help("fraction to remove, in (0, 1): channels or weights"))
+    importance: str = field(default="magnitude", metadata=_help(
+        "channel scores of structured: magnitude, taylor or diff_pruning"))
+    options: dict[str, Any] = field(default_factory=dict, metadata=_help(
+        "method options, e.g. {mid_block: false}; an unknown name lists the valid ones"))
+    calibration_samples: int = field(default=16, metadata=_help("latents for the taylor/diff_pruning scores"))
+    prompts_file: str = field(default=str(PROMPTS / "shapes_large.txt"), metadata=_help(
+        "prompts of the teacher samples (recover.data=teacher)"))
+    sample_steps: int = field(default=20, metadata=_help("DDIM steps of the teacher samples"))
+    guidance: float = field(default=5.0, metadata=_help("classifier-free guidance of the teacher samples"))
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+    out: str = field(default="outputs/prune", metadata=_help("output folder (new, empty, or overwrite=true)"))
+    overwrite: bool = field(default=False, metadata=_help("replace the files of a non-empty out"))
+    seed: int = field(default=0, metadata=_help("seed of the teacher samples and of recovery"))
+    device: str = field(default="cpu", metadata=_help("cpu, cuda, cuda:1, mps ..."))
+
+    def __post_init__(self) -> None:
+        from rewardtune.prune import IMPORTANCES, METHODS
+
+        require(self.method in METHODS, "method", "one of " + ", ".join(METHODS.names()), self.method)
+        require(self.importance in IMPORTANCES, "importance", "one of " + ", ".join(IMPORTANCES.names()),
+                self.importance)
+        require(0 < self.ratio < 1, "ratio", "strictly between 0 and 1 (the fraction to remove)", self.ratio)
+        require(self.calibration_samples >= 1, "calibration_samples", "at least 1", self.calibration_samples)
+        check_options(self.method, self.importance, self.options)
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the run samples distillation/calibration data (recovery, gradient scores, lottery rounds)."""
+        return self.recover.steps > 0 or self.importance != "magnitude" or self.method == "lottery"
+
+    @property
+    def reads_prompts(self) -> bool:
+        """Whether the run reads ``prompts_file`` (teacher samples)."""
+        return self.needs_data and self.recover.data == "teacher"
+
+
+def check_options(method: str, importance: str, options: dict[str, Any]) -> None:
+    """Refuse an option ``method`` does not read, listing the ones it does."""
+    from rewardtune.prune import method_options
+
+    valid = method_options(method, importance)
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        which = f"method {method!r}" + (f" with importance {importance!r}" if method == "structured" else "")
+        raise ConfigError(f"config key 'options.{unknown[0]}' is not an option of {which}; valid options: "
+                          f"{', '.join(valid) or 'none'}")
+
+
+__all__ = ["PruneConfig", "RecoverConfig", "EvalConfig", "check_options", "PROMPTS"]

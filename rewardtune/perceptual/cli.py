@@ -1,4 +1,5 @@
-"""``rewardtune perceptual learn|score``: learn a perceptual reward from demo videos and score a video with it."""
+"""``rewardtune perceptual demos|learn|score``: write demo videos, learn a perceptual reward from them, and score a
+video with it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,12 @@ from typing import Any
 
 from rewardtune.cli import positive_int
 from rewardtune.errors import UserError
+from rewardtune.outputs import check_writable_file
+
+# rewardtune.perceptual.demos.DEMO_TASKS, spelled out so that --help imports nothing heavy (a test keeps them equal)
+DEMO_TASKS = {"door": "reach a door handle, turn it, swing the door open (3 phases)",
+              "pour": "bring a bottle over a glass, pour, take it away (3 phases)",
+              "mountaincar": "gymnasium MountainCar-v0, a scripted expert drives up to the flag (rewardtune[rl])"}
 
 
 def parse_options(items: list[str] | None) -> dict[str, Any]:
@@ -26,7 +33,7 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
 
 
 def add_parser(subparsers) -> None:
-    """Register ``perceptual`` with its ``learn`` and ``score`` subcommands on the top-level parser."""
+    """Register ``perceptual`` with its ``demos``, ``learn`` and ``score`` subcommands on the top-level parser."""
     from rewardtune.perceptual.constants import COMBINES, DEFAULT_OBJECTIVE, OBJECTIVES
 
     p = subparsers.add_parser("perceptual", help="learn rewards from demo videos (Sermanet et al. 2017)",
@@ -34,6 +41,7 @@ def add_parser(subparsers) -> None:
                                           "discriminative features per step, and score frames by how far a task "
                                           "has progressed.")
     sub = p.add_subparsers(dest="perceptual_command", metavar="ACTION", required=True)
+    _add_demos(sub)
     learn = sub.add_parser("learn", help="learn a reward from demo videos",
                            description="e.g. rewardtune perceptual learn --videos 'demos/*.mp4' --steps 2 "
                                        "--features random-cnn --out reward.pt --plot steps.png")
@@ -66,9 +74,60 @@ def add_parser(subparsers) -> None:
     score.set_defaults(handler=_cmd_score)
 
 
+def _add_demos(sub) -> None:
+    tasks = "\n".join(f"  {name:12s} {text}" for name, text in DEMO_TASKS.items())
+    demos = sub.add_parser("demos", help="write demo videos of a built-in task (door, pour, mountaincar)",
+                           description="Write demo videos of a built-in task, readable by `perceptual learn`, e.g.\n"
+                                       "  rewardtune perceptual demos --task door --count 8 --out demos/\n"
+                                       "  rewardtune perceptual learn --videos demos/ --steps 2 --out reward.pt\n\n"
+                                       f"tasks:\n{tasks}")
+    demos.add_argument("--task", required=True, choices=list(DEMO_TASKS), help="the task to demonstrate")
+    demos.add_argument("--out", required=True, help="new or empty folder for the videos")
+    demos.add_argument("--count", type=positive_int, default=8, help="number of demos (default 8)")
+    demos.add_argument("--seed", type=int, default=0, help="demo k uses seed+k (default 0)")
+    demos.add_argument("--format", choices=["mp4", "gif", "frames"], default="mp4",
+                       help="mp4 (default), gif, or frames (a folder of PNGs per demo: exact pixels)")
+    demos.add_argument("--kind", choices=["expert", "failed", "random"], default="expert",
+                       help="expert (default) completes the task; failed stops part-way; random does not try")
+    demos.add_argument("--size", type=positive_int, default=64,
+                       help="frame height in pixels (default 64; MountainCar frames are 1.5x as wide)")
+    demos.set_defaults(handler=_cmd_demos)
+
+
+def _cmd_demos(args) -> int:
+    import av
+
+    from rewardtune.outputs import StagedFolder
+    from rewardtune.perceptual.demos import require_gymnasium, write_demos
+
+    if args.task == "mountaincar":
+        require_gymnasium()
+    staged = StagedFolder(args.out, False, set(), done="", command="perceptual demos",
+                          hint="choose a new or empty --out (demos in one folder are learned from together)")
+    with staged as stage:
+        lengths: list[int] = []
+        try:
+            write_demos(args.task, stage, args.count, args.seed, args.kind, args.format, args.size,
+                        progress=lambda path, rollout: lengths.append(len(rollout.frames)))
+        except (OSError, ValueError, av.FFmpegError) as exc:  # e.g. a PyAV build without an H.264 encoder
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(f"cannot write {args.format} videos here ({reason}); try --format gif or frames") \
+                from None
+        out = staged.commit()
+    print(f"wrote {args.count} {args.kind} {args.task} demos ({args.format}, {min(lengths)}-{max(lengths)} frames "
+          f"each) to {out}; next: rewardtune perceptual learn --videos {out} --steps 2 --out reward.pt")
+    return 0
+
+
 def _check_suffix(path: str | None, suffix: str, flag: str) -> None:
     if path is not None and Path(path).suffix.lower() != suffix:
         raise UserError(f"{flag} must end in {suffix}, got {path!r}")
+
+
+def _check_outputs(*flags_paths: tuple[str, str | None]) -> None:
+    """Every output file can be written (one-line error before any work otherwise)."""
+    for flag, path in flags_paths:
+        check_writable_file(path, flag)
 
 
 def _cmd_learn(args) -> int:
@@ -78,6 +137,7 @@ def _cmd_learn(args) -> int:
     from rewardtune.perceptual.video import find_videos, read_video
 
     _check_suffix(args.plot, ".png", "--plot")
+    _check_outputs(("--out", args.out), ("--plot", args.plot))
     if args.steps < 2:
         raise UserError(f"--steps must be at least 2 (a step is learned against the others), got {args.steps}")
     paths = find_videos(args.videos)
@@ -108,6 +168,7 @@ def _cmd_score(args) -> int:
     _check_suffix(args.out, ".csv", "--out")
     _check_suffix(args.plot, ".png", "--plot")
     _check_suffix(args.steps_plot, ".png", "--steps-plot")
+    _check_outputs(("--out", args.out), ("--plot", args.plot), ("--steps-plot", args.steps_plot))
     reward = PerceptualReward.load(args.reward)
     frames = read_video(args.video)
     per_step, total = reward.score_frames(frames, combine=args.combine, shaped=args.shaped or None)

@@ -6,6 +6,7 @@
   lighting (brightness and a light gradient), the start position and the speed of every phase; a few still frames
   end it. Kinds: ``expert`` (completes the task), ``failed`` (stops part-way and dithers), ``random`` (the hand or
   bottle wanders without doing the task). ``TRUE_STEPS[task][n]`` groups the 3 phases into ``n`` true steps.
+* :func:`write_demos`: any of :data:`DEMO_TASKS` as mp4/gif/frame-folder files (``rewardtune perceptual demos``).
 * :func:`mountaincar_rollout`: gymnasium ``MountainCar-v0`` rendered headless (``rgb_array``) and resized, with
   the scripted expert ``a = 2 if v >= 0 else 0`` (about 120 steps to the flag), ``failed`` (always pushes right)
   and ``random`` policies; true progress is the car's x-position (goal at x >= 0.5).
@@ -16,11 +17,16 @@ phase is active, e.g. random rollouts), ``progress`` ``[T]`` float.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from rewardtune.errors import UserError
 
 TASKS = ("door", "pour")
 PHASES = 3
@@ -235,5 +241,52 @@ def mountaincar_position_frames(positions: np.ndarray, size: tuple[int, int] = (
     return np.stack(frames)
 
 
-__all__ = ["Rollout", "TASKS", "TRUE_STEPS", "procedural_rollout", "mountaincar_rollout", "make_mountaincar",
+# --- demo video files (``rewardtune perceptual demos``) ---------------------------------------------------------
+
+DEMO_TASKS = TASKS + ("mountaincar",)
+KINDS = ("expert", "failed", "random")
+FORMATS = {"mp4": ".mp4", "gif": ".gif", "frames": ""}   # "frames": a folder of PNGs per demo
+
+
+def require_gymnasium() -> None:
+    """One-line error unless gymnasium and pygame (its headless renderer) are installed."""
+    missing = [name for name in ("gymnasium", "pygame") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"MountainCar demos need gymnasium and pygame ({', '.join(missing)} not installed); run "
+                        "`pip install 'rewardtune[rl]'`, or choose --task door or pour")
+
+
+def demo_rollout(task: str, seed: int, kind: str = "expert", size: int = 64, env=None) -> Rollout:
+    """One demo of any task in :data:`DEMO_TASKS`; MountainCar frames are ``size`` x ``1.5 size``."""
+    if task == "mountaincar":
+        return mountaincar_rollout(seed, kind, size=(size, (size * 3 // 2) // 2 * 2), env=env)
+    return procedural_rollout(task, seed, kind, size=size)
+
+
+def demo_path(folder: Path, task: str, kind: str, seed: int, fmt: str) -> Path:
+    return Path(folder) / f"{task}_{kind}_{seed:04d}{FORMATS[fmt]}"
+
+
+def write_demos(task: str, folder: str | Path, count: int, seed: int = 0, kind: str = "expert", fmt: str = "mp4",
+                size: int = 64, progress: Callable[[Path, Rollout], None] | None = None) -> list[Path]:
+    """Write ``count`` demos of ``task`` (seeds ``seed, seed+1, ...``) into ``folder`` as ``fmt`` files that
+    :func:`rewardtune.perceptual.video.find_videos` and ``perceptual learn`` read; returns their paths."""
+    from rewardtune.perceptual.video import write_video
+
+    if task not in DEMO_TASKS:
+        raise UserError(f"unknown demo task {task!r}; choose one of: {', '.join(DEMO_TASKS)}")
+    if task == "mountaincar":
+        require_gymnasium()
+    env = make_mountaincar(seed) if task == "mountaincar" else None
+    paths = []
+    for k in range(count):
+        rollout = demo_rollout(task, seed + k, kind, size, env)
+        paths.append(write_video(demo_path(folder, task, kind, seed + k, fmt), rollout.frames))
+        if progress is not None:
+            progress(paths[-1], rollout)
+    return paths
+
+
+__all__ = ["Rollout", "TASKS", "DEMO_TASKS", "KINDS", "FORMATS", "write_demos", "demo_rollout", "require_gymnasium",
+           "TRUE_STEPS", "procedural_rollout", "mountaincar_rollout", "make_mountaincar",
            "mountaincar_position_frames", "resize_frame"]

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image, ImageSequence
 
 from rewardtune.errors import UserError
+from rewardtune.outputs import folder_mode
 from rewardtune.utils.images import IMAGE_SUFFIXES
 from rewardtune.utils.io import atomic_path
 
@@ -169,6 +170,7 @@ def _write_folder(path: Path, frames: np.ndarray) -> Path:
         raise UserError(f"frame folder {str(path)!r} already exists and is not empty")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    os.chmod(tmp, folder_mode())  # the mode of a plain mkdir, not mkdtemp's 0700
     try:
         for index, frame in enumerate(frames):
             Image.fromarray(frame).save(tmp / f"{index:05d}.png")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
+from rewardtune.hub import hub_file
 from rewardtune.rewards.base import Reward
 from rewardtune.rewards.clip_hf import CLIPTowers, load_clip_towers
 
@@ -50,13 +51,11 @@ class AestheticHead(nn.Module):
 
 
 def _hub_copy() -> Path | None:
-    """The hub mirror of the head from the HF cache (downloaded when online); None when unavailable."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
-
+    """The hub mirror of the head from the HF cache (downloaded when the hub is allowed and reachable); None when
+    unavailable."""
     try:
-        return Path(hf_hub_download(*HEAD_MIRROR))
-    except (OSError, ValueError, EntryNotFoundError) as exc:
+        return hub_file(*HEAD_MIRROR, explain="not available")
+    except ModelNotFoundError as exc:
         logger.debug("aesthetic head not available from %s: %s", HEAD_MIRROR, exc)
         return None
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
+from rewardtune.hub import offline_unless_reachable
 from rewardtune.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, normalize
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ def from_pretrained_or_explain(loader: Callable[[str], Any], source: str, what: 
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"cannot load {what} from folder {source!r}: {_first_line(exc)}") from None
     try:
-        return loader(source)
+        with offline_unless_reachable():  # no network: the cache only, and no minute of retries
+            return loader(source)
     except OSError:
         raise ModelNotFoundError(
             f"{what} {source!r} is not in the local Hugging Face cache and could not be downloaded; on a connected "

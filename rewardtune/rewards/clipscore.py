@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardtune.errors import ModelNotFoundError, UserError
+from rewardtune.hub import offline_mode, offline_unless_reachable, use_network
 from rewardtune.rewards.base import Reward
 from rewardtune.rewards.preprocess import normalize, resize_longest_and_pad, resize_shortest_and_center_crop
 
@@ -178,7 +179,8 @@ def load_tokenizer(name: str) -> Callable:
     import open_clip
 
     try:
-        return open_clip.get_tokenizer(name)
+        with offline_unless_reachable():
+            return open_clip.get_tokenizer(name)
     except Exception as exc:
         raise ModelNotFoundError(f"the tokenizer of {name!r} is not available offline "
                                  f"({str(exc).splitlines()[0]}); download it on a connected machine") from None
@@ -196,20 +198,22 @@ def square_image_size(model: torch.nn.Module) -> int:
 
 
 def fetch_pretrained(name: str, tag: str, cfg: dict) -> str:
-    """The local file of open_clip weights ``name``/``tag`` (cache hit, or a download when online)."""
+    """The local file of open_clip weights ``name``/``tag`` (cache hit, or a download when the hub is allowed and
+    reachable; otherwise a one-line error at once, with no retries)."""
     import open_clip
-    from huggingface_hub import constants
 
     source = cfg.get("hf_hub", "").rstrip("/") or cfg.get("url", "")
     how = (f"on a connected machine run `hf download {source}` (then copy the cache or set HF_HOME)"
            if cfg.get("hf_hub") else f"download {source} into ~/.cache/clip")
-    offline_url_only = constants.is_offline_mode() and not cfg.get("hf_hub")
+    offline_url_only = not use_network() and not cfg.get("hf_hub")
     cached = Path("~/.cache/clip").expanduser() / Path(source).name
     if offline_url_only and not cached.is_file():
-        raise ModelNotFoundError(f"open_clip weights {name} ({tag}) are not cached and HF_HUB_OFFLINE is set; "
+        why = "HF_HUB_OFFLINE is set" if offline_mode() else "the network is not reachable"
+        raise ModelNotFoundError(f"open_clip weights {name} ({tag}) are not cached and {why}; "
                                  f"{how}, or pass checkpoint=PATH")
     try:
-        return open_clip.download_pretrained(cfg)
+        with offline_unless_reachable():
+            return open_clip.download_pretrained(cfg)
     except Exception:
         raise ModelNotFoundError(f"open_clip weights {name} ({tag}, {source}) are not in the local cache and could "
                                  f"not be downloaded; {how}, or pass checkpoint=PATH") from None

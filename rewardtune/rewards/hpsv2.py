@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from rewardtune.errors import ModelNotFoundError
+from rewardtune.hub import hub_file
 from rewardtune.rewards.base import Reward
 from rewardtune.rewards.clipscore import (ClipCosine, build_open_clip, load_tokenizer, load_weights, read_state_dict,
                                           register_arch, square_image_size)
@@ -30,20 +30,15 @@ HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
 
 def find_hps_checkpoint(version: str) -> str:
     """The local path of the HPS ``version`` checkpoint: ``$HPS_ROOT`` (default ``~/.cache/hpsv2``, the hpsv2
-    package's folder) or the Hugging Face cache (``hf_hub_download``; downloads only when online)."""
-    from huggingface_hub import hf_hub_download
-
+    package's folder) or the Hugging Face cache (downloaded only when the hub is allowed and reachable)."""
     filename = HPS_FILES[version]
     legacy = Path(os.environ.get("HPS_ROOT", "~/.cache/hpsv2")).expanduser() / filename
     if legacy.is_file():
         return str(legacy)
-    try:
-        return hf_hub_download(HPS_REPO, filename)
-    except Exception:  # offline cache miss, HTTP and connection errors: all mean "not available here"
-        raise ModelNotFoundError(
-            f"HPS {version} checkpoint {filename} ({HPS_REPO}) is not in the local Hugging Face cache and could not "
-            f"be downloaded; on a connected machine run `hf download {HPS_REPO} {filename}` (then copy the cache "
-            "or set HF_HOME), or pass checkpoint=PATH") from None
+    return str(hub_file(HPS_REPO, filename, explain=(
+        f"HPS {version} checkpoint {filename} ({HPS_REPO}) is not in the local Hugging Face cache and could not "
+        f"be downloaded; on a connected machine run `hf download {HPS_REPO} {filename}` (then copy the cache "
+        "or set HF_HOME), or pass checkpoint=PATH")))
 
 
 def load_hps(version: str, checkpoint: str | None = None, arch: str = "ViT-H-14", device: str = "cpu",

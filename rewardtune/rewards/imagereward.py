@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -231,22 +230,14 @@ class ImageReward(Reward):
         return self.model(pixels.to(device=self.device, dtype=dtype), ids, mask)
 
 
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
-
-
 def hub_file(repo_id: str, filename: str, option: str) -> Path:
-    """Path of ``filename`` from the HF cache (downloaded when online), or a one-line :class:`ModelNotFoundError`."""
-    from huggingface_hub import hf_hub_download
+    """Path of ``filename`` from the HF cache (downloaded when the hub is allowed and reachable), or a one-line
+    :class:`ModelNotFoundError`."""
+    from rewardtune.hub import hub_file as fetch
 
-    try:
-        return Path(hf_hub_download(repo_id, filename, local_files_only=_offline()))
-    except (OSError, ValueError):
-        raise ModelNotFoundError(
-            f"{filename} of {repo_id} is not in the local Hugging Face cache and could not be downloaded; on a "
-            f"connected machine run `hf download {repo_id} {filename}`, or pass {option}=PATH") from None
+    return fetch(repo_id, filename, explain=(
+        f"{filename} of {repo_id} is not in the local Hugging Face cache and could not be downloaded; on a "
+        f"connected machine run `hf download {repo_id} {filename}`, or pass {option}=PATH"))
 
 
 def read_med_config(path: Path, vocab_needed: int | None = None) -> dict:

@@ -1,6 +1,18 @@
-"""Reward finetuning: PRDP and DDPO losses, advantages, and (later) the shared online trainer."""
+"""Reward finetuning: PRDP and DDPO losses, advantages, and the online trainer (:mod:`rewardtune.finetune.run`).
 
-from rewardtune.finetune.advantages import PerPromptStatTracker, batch_advantages
-from rewardtune.finetune.losses import ddpo_loss, prdp_loss, prdp_loss_grouped
+Attributes load on first use, so ``rewardtune.finetune.config`` (the typed configs) imports without torch.
+"""
 
-__all__ = ["PerPromptStatTracker", "batch_advantages", "ddpo_loss", "prdp_loss", "prdp_loss_grouped"]
+import importlib
+
+_EXPORTS = {"PerPromptStatTracker": "advantages", "batch_advantages": "advantages", "ddpo_loss": "losses",
+            "prdp_loss": "losses", "prdp_loss_grouped": "losses"}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rewardtune.finetune' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rewardtune.finetune.{_EXPORTS[name]}"), name)
+
+
+__all__ = list(_EXPORTS)

@@ -30,94 +30,22 @@ import logging
 import math
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rewardtune.config import PATH, require, save_config
+from rewardtune.config import save_config
 from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import load_checkpoint, resume_candidates, save_checkpoint, save_final_model
-from rewardtune.finetune.config import FinetuneConfig
+from rewardtune.finetune.config import FinetuneConfig, RunConfig
 from rewardtune.finetune.report import (EvalSet, append_metrics, before_after, epoch_metrics, evaluate,
                                         plot_reward_curve, read_metrics, score_heldout)
 
 logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
-
-
-def _default_eval_prompts() -> list[str]:
-    return ["a red circle", "a blue square", "a green triangle", "a yellow circle on a black background"]
-
-
-@dataclass
-class RunConfig:
-    """One finetuning run. The trained reward and the seed are ``train.reward`` and ``train.seed``.
-
-    ``gold_reward``: a reward spec scored on every epoch's samples and the held-out prompts, never trained on.
-    ``prompts`` / ``prompts_file``: the training prompt set, exactly one: inline, or any source of
-    :func:`rewardtune.prompts.read_prompts` (text/CSV/JSON(L)/Parquet files, local HF dataset folders, the HPDv2
-    and Pick-a-Pic layouts); ``prompts_column`` / ``prompts_split`` pick the column and split of tables and
-    datasets (``heldout_split`` for the held-out source); repeated prompts are dropped (``unique_prompts``) so
-    every distinct prompt is drawn equally often.
-    ``heldout_prompts`` / ``heldout_prompts_file``: optional; the first ``heldout_count`` are sampled once per
-    epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
-    adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
-    readable checkpoint of ``output_dir``, or a fresh start) or a checkpoint folder; a resume must keep the run's
-    settings except the dotted keys (or sections) listed in ``resume_allow_changes``, e.g. ``[epochs]`` to extend
-    a run (``output_dir``, ``resume``, ``keep_last`` and ``device`` may always change). ``save_every``: checkpoint and grid
-    every that many epochs (and after the last); ``keep_last``: checkpoints kept. ``mixed_precision``: autocast
-    of the UNet forward by accelerate (weights and optimizer stay fp32; log-probs are computed in fp32);
-    ``gradient_checkpointing``: recompute UNet activations in the backward pass (less memory, ~30 % more time).
-    """
-
-    model: str = field(default="shapes-tiny", metadata=PATH)
-    gold_reward: str | None = None
-    prompts: list[str] | None = None
-    prompts_file: str | None = field(default=None, metadata=PATH)
-    prompts_column: str | None = None
-    prompts_split: str = "train"
-    unique_prompts: bool = True
-    heldout_prompts: list[str] | None = None
-    heldout_prompts_file: str | None = field(default=None, metadata=PATH)
-    heldout_split: str = "test"
-    heldout_count: int = 8
-    output_dir: str = "outputs/finetune"
-    epochs: int = 10
-    save_every: int = 5
-    keep_last: int = 2
-    resume: str | None = None
-    resume_allow_changes: list[str] = field(default_factory=list)
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    mixed_precision: str | None = None
-    gradient_checkpointing: bool = False
-    eval_prompts: list[str] = field(default_factory=_default_eval_prompts)
-    eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
-    device: str = "cpu"
-    train: FinetuneConfig = field(default_factory=FinetuneConfig)
-
-    def __post_init__(self) -> None:
-        require(self.epochs >= 1, "epochs", "at least 1", self.epochs)
-        require(self.save_every >= 1, "save_every", "at least 1", self.save_every)
-        require(self.keep_last >= 1, "keep_last", "at least 1", self.keep_last)
-        require(self.heldout_count >= 1, "heldout_count", "at least 1", self.heldout_count)
-        require(self.lora_rank is None or self.lora_rank >= 1, "lora_rank", "null (full UNet) or at least 1",
-                self.lora_rank)
-        require(self.lora_alpha is None or self.lora_alpha > 0, "lora_alpha", "null or > 0", self.lora_alpha)
-        require(self.mixed_precision in (None, "no", "fp16", "bf16"), "mixed_precision",
-                "null (as accelerate launch says), 'no', 'fp16' or 'bf16'", self.mixed_precision)
-        require((self.prompts is None) != (self.prompts_file is None), "prompts",
-                "set either prompts (a list) or prompts_file, exactly one", self.prompts)
-        require(not (self.heldout_prompts and self.heldout_prompts_file), "heldout_prompts",
-                "null when heldout_prompts_file is set (give one of them)", self.heldout_prompts)
-        require(bool(self.eval_prompts) and all(p.strip() for p in self.eval_prompts), "eval_prompts",
-                "a non-empty list of non-empty prompts", self.eval_prompts)
-        require(bool(self.eval_seeds) and all(s >= 0 for s in self.eval_seeds), "eval_seeds",
-                "a non-empty list of seeds >= 0", self.eval_seeds)
-        require(bool(str(self.output_dir).strip()), "output_dir", "a folder path", self.output_dir)
 
 
 #: Settings that may differ when a run is resumed: where and how it runs, not what it computes.

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from rewardtune.config import require
+from rewardtune.config import PATH, require
 from rewardtune.errors import ConfigError
 
 PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
@@ -58,7 +58,8 @@ class EvalConfig:
 class PruneConfig:
     """What to prune and how (see :func:`rewardtune.prune.prune_unet`)."""
 
-    model: str = field(default="shapes-tiny", metadata=_help("registered name, pipeline folder or hub id"))
+    model: str = field(default="shapes-tiny", metadata=PATH | _help(
+        "registered name, pipeline folder or hub id"))
     method: str = field(default="structured", metadata=_help("structured, blocks, magnitude or lottery"))
     ratio: float = field(default=0.5, metadata=_help("fraction to remove, in (0, 1): channels or weights"))
     importance: str = field(default="magnitude", metadata=_help(
@@ -66,7 +67,7 @@ class PruneConfig:
     options: dict[str, Any] = field(default_factory=dict, metadata=_help(
         "method options, e.g. {mid_block: false}; an unknown name lists the valid ones"))
     calibration_samples: int = field(default=16, metadata=_help("latents for the taylor/diff_pruning scores"))
-    prompts_file: str = field(default=str(PROMPTS / "shapes_large.txt"), metadata=_help(
+    prompts_file: str = field(default=str(PROMPTS / "shapes_large.txt"), metadata=PATH | _help(
         "prompts of the teacher samples (recover.data=teacher)"))
     sample_steps: int = field(default=20, metadata=_help("DDIM steps of the teacher samples"))
     guidance: float = field(default=5.0, metadata=_help("classifier-free guidance of the teacher samples"))

@@ -9,7 +9,6 @@ folder until then): an interrupted or diverged run leaves ``OUT`` as it was. The
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
@@ -19,7 +18,7 @@ from rewardtune.config import save_config
 from rewardtune.errors import UserError
 from rewardtune.outputs import StagedFolder
 from rewardtune.prune.config import PROMPTS, EvalConfig, PruneConfig, RecoverConfig
-from rewardtune.utils.io import atomic_write_json
+from rewardtune.utils.io import atomic_write_json, dumps_json
 
 logger = logging.getLogger(__name__)
 OUTPUT_NAMES = {"pipeline", "report.json", "distill_log.jsonl", "config.yaml"}
@@ -159,7 +158,7 @@ def _prune_and_recover(pipe, cfg: PruneConfig, prompts: list[str] | None, stage)
     if cfg.recover.steps > 0:
         history = _recover(pruned, pipe.unet, data, cfg, cfg.recover.steps, masks_of(pruned) or None)
         check_finite(pruned, cfg, history)
-        (stage / "distill_log.jsonl").write_text("".join(json.dumps(row) + "\n" for row in history))
+        (stage / "distill_log.jsonl").write_text("".join(dumps_json(row) + "\n" for row in history))
         report["distill_loss"] = [history[0]["loss"], history[-1]["loss"]]
         if reference is not None:
             report["quality_recovered"] = _evaluate(pipe, pruned, cfg, scorer, reference)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.registry import Registry
+from rewardtune.utils.devices import DTYPES, to_dtype  # noqa: F401  (re-exported: loading.DTYPES)
 
 logger = logging.getLogger(__name__)
 
@@ -23,8 +25,6 @@ MODELS.register("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")
 MODELS.register("sd21", "stabilityai/stable-diffusion-2-1")
 MODELS.register("sd21-base", "stabilityai/stable-diffusion-2-1-base")
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
 def resolve_model(model: str) -> str:
@@ -48,14 +48,6 @@ def _dtype_kwarg() -> str:
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
 
 
-def to_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in DTYPES:
-        raise UserError(f"unknown dtype {dtype!r}; choose one of: {', '.join(DTYPES)}")
-    return DTYPES[dtype]
-
-
 def _pruned_unet(folder: str, dtype: str | torch.dtype) -> dict:
     """``{"unet": UNet}`` when the folder's UNet has pruned channels (rebuilt by rewardtune.prune.io), else ``{}``."""
     from rewardtune.prune.io import load_pruned_unet, needs_rebuild
@@ -77,20 +69,76 @@ def _loading_bar(show: bool):
         (diffusers_logging.enable_progress_bar if was else diffusers_logging.disable_progress_bar)()
 
 
-def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu"):
-    """A ``StableDiffusionPipeline`` with a ``DDIMScheduler``, on ``device`` in ``dtype``, progress bars off.
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+LORA_BASE_NOTE = "rewardtune_base.json"
+
+
+def lora_base_model(folder: str | Path) -> str | None:
+    """The base model named in a LoRA folder's ``rewardtune_base.json`` (``{"model": ...}``), else ``None``."""
+    note = Path(folder) / LORA_BASE_NOTE
+    if not note.is_file():
+        return None
+    try:
+        model = json.loads(note.read_text()).get("model")
+    except (OSError, ValueError, AttributeError):
+        model = None
+    if not isinstance(model, str) or not model:
+        raise UserError(f"{str(note)!r} should hold {{'model': 'BASE'}} as JSON; fix it or pass --model BASE")
+    return model
+
+
+def _check_pipeline_folder(source: str) -> None:
+    """A local ``source`` must be a pipeline folder; a LoRA folder gets a one-line pointer to ``--lora``."""
+    folder = Path(source)
+    if (folder / "model_index.json").is_file():
+        return
+    if (folder / LORA_WEIGHTS).is_file():
+        base = lora_base_model(folder) or "BASE"
+        raise ModelNotFoundError(f"{source!r} holds LoRA weights, not a pipeline; pass the base model and the "
+                                 f"LoRA: --model {base} --lora {source}")
+    raise ModelNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
+                             "pass a folder written by save_pretrained")
+
+
+def lora_weights(lora: str | Path) -> tuple[Path, str]:
+    """``(folder, weight_name)`` of a LoRA folder holding ``pytorch_lora_weights.safetensors``, or of a
+    ``.safetensors`` file; a one-line :class:`UserError` for anything else."""
+    path = Path(lora).expanduser()
+    if path.is_file() and path.suffix == ".safetensors":
+        return path.parent, path.name
+    if (path / LORA_WEIGHTS).is_file():
+        return path, LORA_WEIGHTS
+    raise UserError(f"--lora {str(lora)!r} is not a LoRA folder (no {LORA_WEIGHTS}) or .safetensors file; "
+                    "pass the final/ folder of a LoRA finetuning run")
+
+
+def load_lora(pipe, lora: str | Path) -> None:
+    """``pipe.load_lora_weights`` of :func:`lora_weights` (one line if it does not fit the pipeline)."""
+    folder, name = lora_weights(lora)
+    try:
+        pipe.load_lora_weights(str(folder), weight_name=name)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise UserError(f"cannot load LoRA {str(lora)!r} into this model: {str(exc).splitlines()[0]}; "
+                        "pass the --model it was trained from") from None
+
+
+def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu",
+                  lora: str | Path | None = None):
+    """A ``StableDiffusionPipeline`` with a ``DDIMScheduler``, on ``device`` in ``dtype``, progress bars off;
+    with ``lora``, the LoRA weights of that folder loaded on top.
 
     Raises:
         ModelNotFoundError: the weights are not on disk and cannot be downloaded (one line naming the model and
-            how to supply it).
+            how to supply it), or ``model`` is a LoRA folder (use ``lora``).
     """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     source = resolve_model(model)
     local = Path(source).exists()
-    if local and not (Path(source) / "model_index.json").is_file():
-        raise ModelNotFoundError(f"{source!r} is not a diffusers pipeline folder (no model_index.json); "
-                                 "pass a folder written by save_pretrained")
+    if local:
+        _check_pipeline_folder(source)
+    if lora is not None:
+        lora_weights(lora)  # before the (slow) base model load
     try:
         pruned = _pruned_unet(source, dtype) if local else {}
         with _loading_bar(logger.isEnabledFor(logging.INFO)):
@@ -109,5 +157,7 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
     check_pruned_fits(pipe)  # a pruned UNet saved into a mismatched pipeline folder: one-line error
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    logger.info("loaded %s from %s (%s, %s)", model, source, dtype, device)
+    if lora is not None:
+        load_lora(pipe, lora)
+    logger.info("loaded %s from %s (%s, %s)%s", model, source, dtype, device, f" + LoRA {lora}" if lora else "")
     return pipe.to(device)

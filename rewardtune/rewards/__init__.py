@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+from pathlib import Path
 from typing import Any, Callable
 
 from rewardtune.errors import UserError
 from rewardtune.registry import Registry
 from rewardtune.rewards.base import Reward, check_inputs
-from rewardtune.rewards.combine import WeightedSum, parse_spec
+from rewardtune.rewards.combine import (WeightedSum, check_not_empty, check_unique, parse_spec, parse_term,
+                                       parse_weight)
 
 REWARDS: Registry[str] = Registry("reward")
 for _name, _target in {
@@ -41,28 +43,54 @@ PATH_REWARDS: Registry[str] = Registry("path reward")
 PATH_REWARDS.register("perceptual", "rewardtune.perceptual.image_reward:load_perceptual_reward")
 
 
-def _split_terms(spec: str) -> list[tuple[str, float]]:
-    """:func:`parse_spec`, except that a ``NAME:PATH[:WEIGHT]`` part of a path reward keeps its path."""
-    if not isinstance(spec, str) or not any(p.strip().partition(":")[0] in PATH_REWARDS for p in spec.split(",")):
-        return parse_spec(spec)
-    terms: list[tuple[str, float]] = []
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _path_term(part: str, spec: str) -> tuple[str, float]:
+    """``NAME:PATH`` or ``NAME:PATH:WEIGHT`` (an existing file named ``PATH:WEIGHT`` stays a path)."""
+    head, _, rest = part.partition(":")
+    body, sep, tail = rest.rpartition(":")
+    if sep and body and not Path(rest).is_file() and (_is_number(tail) or Path(body).is_file()):
+        rest, weight = body, parse_weight(tail.strip(), part, spec)
+    else:
+        weight = 1.0
+    if not rest:
+        raise UserError(f"reward {head!r} needs a file: {head}:PATH (e.g. {head}:reward.pt)")
+    if not Path(rest).is_file():
+        raise UserError(f"{head} reward file {rest!r} does not exist or is not a file; give the path of an "
+                        f"existing file ({head}:PATH)")
+    return f"{head}:{rest}", weight
+
+
+def _parse_terms(spec: str) -> list[tuple[str, float]]:
+    """The one reward-spec parser: checked ``(name, weight)`` terms, nothing loaded (see :func:`check_reward_spec`)."""
+    check_not_empty(spec)
+    terms = []
     for part in (p.strip() for p in spec.split(",")):
-        head, _, path = part.partition(":")
-        if head not in PATH_REWARDS:
-            terms += parse_spec(part)
-            continue
-        body, _, weight = path.rpartition(":")
-        try:
-            path, value = (body, float(weight)) if body else (path, 1.0)
-        except ValueError:
-            value = 1.0
-        if not path:
-            raise UserError(f"reward {head!r} needs a file: {head}:PATH (e.g. {head}:reward.pt)")
-        terms.append((f"{head}:{path}", value))
-    names = [n for n, _ in terms]
-    if len(set(names)) != len(names):
-        raise UserError(f"a reward appears twice in spec {spec!r}")
-    return terms
+        head = part.partition(":")[0].strip()
+        term = _path_term(part, spec) if head in PATH_REWARDS else parse_term(part, spec)
+        if head not in PATH_REWARDS and term[0] not in REWARDS:
+            raise UserError(f"unknown reward {term[0]!r}; choose one of: {', '.join(reward_names())}")
+        terms.append(term)
+    return check_unique(terms, spec)
+
+
+def check_reward_spec(spec: str, key: str = "--reward") -> list[tuple[str, float]]:
+    """Validate a reward spec without loading any model: known names or ``NAME:PATH`` with an existing file,
+    finite weights, no repeats. Returns ``[(name, weight), ...]``.
+
+    Raises:
+        UserError: one line prefixed by ``key`` (the option or config key the spec came from).
+    """
+    try:
+        return _parse_terms(spec)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
 
 
 def _factory(name: str) -> Callable[..., Reward]:
@@ -92,7 +120,7 @@ def load_reward(spec: str, **options: Any) -> Reward:
     For a sum, ``device`` and ``dtype`` apply to every component, and options for one component go in a dict
     under its name: ``load_reward("pickscore:10,hpsv2:2", hpsv2={"checkpoint": path})``.
     """
-    terms = _split_terms(spec)
+    terms = _parse_terms(spec)
     if len(terms) == 1 and terms[0][1] == 1.0 and (":" not in spec or terms[0][0] == spec.strip()):
         return _load_one(terms[0][0], options)
     shared = {k: options.pop(k) for k in ("device", "dtype") if k in options}
@@ -109,5 +137,5 @@ def reward_names() -> list[str]:
     return REWARDS.names() + [f"{name}:PATH" for name in PATH_REWARDS.names()]
 
 
-__all__ = ["Reward", "REWARDS", "PATH_REWARDS", "WeightedSum", "check_inputs", "load_reward", "parse_spec",
-           "reward_names"]
+__all__ = ["Reward", "REWARDS", "PATH_REWARDS", "WeightedSum", "check_inputs", "check_reward_spec", "load_reward",
+           "parse_spec", "reward_names"]

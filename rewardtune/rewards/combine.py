@@ -11,25 +11,49 @@ from rewardtune.errors import UserError
 from rewardtune.rewards.base import Reward
 
 
-def parse_spec(spec: str) -> list[tuple[str, float]]:
-    """``"a:2,b"`` -> ``[("a", 2.0), ("b", 1.0)]``. Raises a one-line :class:`UserError` on malformed specs."""
+EXAMPLE = "e.g. 'pickscore:10,hpsv2:2'"
+
+
+def parse_weight(text: str, part: str, spec: str) -> float:
+    """The finite float ``text`` (the weight of ``part`` in ``spec``), else a one-line :class:`UserError`."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"malformed reward spec {spec!r} at {part!r}: weight {text!r} is not a number; "
+                        f"expected NAME or NAME:WEIGHT, {EXAMPLE}") from None
+    if not math.isfinite(value):
+        raise UserError(f"malformed reward spec {spec!r} at {part!r}: weight {text!r} must be a finite number")
+    return value
+
+
+def parse_term(part: str, spec: str) -> tuple[str, float]:
+    """``"name:2"`` -> ``("name", 2.0)``; ``"name"`` -> ``("name", 1.0)``."""
+    part = part.strip()
+    name, _, weight = part.rpartition(":") if ":" in part else (part, "", "1")
+    if not name.strip():
+        raise UserError(f"malformed reward spec {spec!r} at {part!r}; expected NAME or NAME:WEIGHT, {EXAMPLE}")
+    return name.strip(), parse_weight(weight.strip(), part, spec)
+
+
+def check_unique(terms: list[tuple[str, float]], spec: str) -> list[tuple[str, float]]:
+    seen: set[str] = set()
+    for name, _ in terms:
+        if name in seen:
+            raise UserError(f"reward {name!r} appears twice in spec {spec!r}")
+        seen.add(name)
+    return terms
+
+
+def check_not_empty(spec: str) -> None:
     if not isinstance(spec, str) or not spec.strip():
         raise UserError("empty reward spec; pass a name such as 'pickscore' or a sum such as 'pickscore:10,hpsv2:2'")
-    terms: list[tuple[str, float]] = []
-    for part in spec.split(","):
-        name, sep, weight = part.strip().rpartition(":") if ":" in part else (part.strip(), "", "1")
-        name = name.strip()
-        try:
-            value = float(weight)
-        except ValueError:
-            value = math.nan
-        if not name or not math.isfinite(value):
-            raise UserError(f"malformed reward spec {spec!r} at {part.strip()!r}; expected NAME or NAME:WEIGHT, "
-                            "e.g. 'pickscore:10,hpsv2:2'")
-        if name in dict(terms):
-            raise UserError(f"reward {name!r} appears twice in spec {spec!r}")
-        terms.append((name, value))
-    return terms
+
+
+def parse_spec(spec: str) -> list[tuple[str, float]]:
+    """``"a:2,b"`` -> ``[("a", 2.0), ("b", 1.0)]``. Raises a one-line :class:`UserError` on malformed specs
+    (empty parts, non-numeric or non-finite weights, repeated names)."""
+    check_not_empty(spec)
+    return check_unique([parse_term(part, spec) for part in spec.split(",")], spec)
 
 
 class WeightedSum(Reward):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -26,17 +27,20 @@ def save_png(image: torch.Tensor | Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
-def make_grid(images: torch.Tensor, ncol: int | None = None, min_tile: int = 96, pad: int = 2) -> Image.Image:
-    """Tile ``[N,3,H,W]`` into one image; small images are enlarged (nearest) to at least ``min_tile`` pixels."""
-    n, _, h, w = images.shape
+def make_grid(images: torch.Tensor | Sequence[torch.Tensor | Image.Image], ncol: int | None = None,
+              min_tile: int = 96, pad: int = 2) -> Image.Image:
+    """Tile ``[N,3,H,W]`` (or a list of ``[3,H,W]`` tensors or PIL images of one size) into one image; small
+    images are enlarged (nearest) to at least ``min_tile`` pixels."""
+    tiles = [im if isinstance(im, Image.Image) else to_pil(im) for im in images]
+    n, (w, h) = len(tiles), tiles[0].size
     ncol = ncol or max(1, math.ceil(math.sqrt(n)))
     nrow = math.ceil(n / ncol)
     scale = max(1, math.ceil(min_tile / max(h, w)))
     th, tw = h * scale, w * scale
     canvas = Image.new("RGB", (ncol * (tw + pad) + pad, nrow * (th + pad) + pad), (255, 255, 255))
-    for i in range(n):
-        tile = to_pil(images[i]).resize((tw, th), Image.NEAREST)
-        canvas.paste(tile, (pad + (i % ncol) * (tw + pad), pad + (i // ncol) * (th + pad)))
+    for i, tile in enumerate(tiles):
+        corner = (pad + (i % ncol) * (tw + pad), pad + (i // ncol) * (th + pad))
+        canvas.paste(tile.resize((tw, th), Image.NEAREST), corner)
     return canvas
 
 
@@ -49,7 +53,8 @@ def load_image(path: str | Path) -> torch.Tensor:
     Transparent pixels are composited on white; 16-bit images are scaled by 1/65535.
 
     Raises:
-        UserError: the file is missing, truncated or not an image.
+        UserError: the file is missing, truncated, not an image, or claims a size past PIL's decompression-bomb
+            limit (``Image.MAX_IMAGE_PIXELS``).
     """
     from rewardtune.errors import UserError
 
@@ -57,8 +62,8 @@ def load_image(path: str | Path) -> torch.Tensor:
         with Image.open(path) as im:
             im.load()
             array = _as_rgb_array(im)
-    except (OSError, ValueError, SyntaxError) as exc:
-        raise UserError(f"cannot read image {str(path)!r}: {exc}") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise UserError(f"cannot read image {str(path)!r}: {exc}") from None  # bombs: huge claimed sizes
     return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).clamp(0, 1)
 
 

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import functools
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rewardtune.errors import UserError
 from rewardtune.registry import Registry
 from rewardtune.rewards.base import Reward, check_inputs
-from rewardtune.rewards.combine import (WeightedSum, check_not_empty, check_unique, parse_spec, parse_term,
-                                       parse_weight)
+from rewardtune.rewards.combine import WeightedSum, check_not_empty, check_unique, parse_spec, parse_term, parse_weight
 
 REWARDS: Registry[str] = Registry("reward")
 for _name, _target in {
@@ -137,5 +137,14 @@ def reward_names() -> list[str]:
     return REWARDS.names() + [f"{name}:PATH" for name in PATH_REWARDS.names()]
 
 
-__all__ = ["Reward", "REWARDS", "PATH_REWARDS", "WeightedSum", "check_inputs", "check_reward_spec", "load_reward",
-           "parse_spec", "reward_names"]
+__all__ = [
+    "PATH_REWARDS",
+    "REWARDS",
+    "Reward",
+    "WeightedSum",
+    "check_inputs",
+    "check_reward_spec",
+    "load_reward",
+    "parse_spec",
+    "reward_names",
+]

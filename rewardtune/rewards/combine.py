@@ -10,7 +10,6 @@ from torch import nn
 from rewardtune.errors import UserError
 from rewardtune.rewards.base import Reward
 
-
 EXAMPLE = "e.g. 'pickscore:10,hpsv2:2'"
 
 

@@ -75,23 +75,39 @@ def positive_int(text: str) -> int:
     return value
 
 
+def finite_float(text: str) -> float:
+    """argparse type: a finite number (no inf or nan)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
 def _add_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample images from a pipeline (PNGs, grid.png, manifest)",
                        description="Sample images; write PNGs, grid.png and manifest.{json,csv} mapping files to "
                                    "prompts and seeds. The same seed gives the same images.")
-    p.add_argument("--model", default="shapes-tiny", help="registered name, local pipeline folder or hub id "
-                   "(default: shapes-tiny; see `rewardtune models`)")
+    p.add_argument("--model", default=None, help="registered name, local pipeline folder or hub id "
+                   "(default: shapes-tiny, or the base named in the --lora folder; see `rewardtune models`)")
+    p.add_argument("--lora", metavar="PATH", default=None, help="LoRA weights to load on top of --model (the "
+                   "final/ folder of a LoRA finetuning run)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts", metavar="FILE", help="prompt file: .txt (one per line), .csv or .jsonl")
     p.add_argument("--num-images", type=positive_int, default=4, help="images per prompt (default 4)")
     p.add_argument("--steps", type=positive_int, default=20, help="DDIM steps (default 20)")
-    p.add_argument("--guidance", type=float, default=5.0, help="classifier-free guidance scale (default 5)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
+    p.add_argument("--guidance", type=finite_float, default=5.0, help="classifier-free guidance scale (default 5)")
+    p.add_argument("--eta", type=finite_float, default=0.0, help="DDIM eta: 0 deterministic, 1 DDPM-like (default 0)")
     p.add_argument("--seed", type=int, default=0, help="image k uses seed+k (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=positive_int, default=None, help="pixels, a multiple of the VAE scale factor "
+                   "(8 for Stable Diffusion; default: the model's size)")
+    p.add_argument("--width", type=positive_int, default=None, help="pixels, like --height")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ...")
     p.add_argument("--out", required=True, help="output folder (must be new or empty unless --overwrite)")
@@ -100,10 +116,12 @@ def _add_sample(sub) -> None:
 
 
 def _cmd_sample(args) -> int:
+    from rewardtune.diffusion.loading import lora_base_model
     from rewardtune.sample import SampleConfig, run_sample
 
+    model = args.model or (lora_base_model(args.lora) if args.lora else None) or "shapes-tiny"
     cfg = SampleConfig(
-        model=args.model, prompts=args.prompt, prompts_file=args.prompts, num_images=args.num_images,
+        model=model, lora=args.lora, prompts=args.prompt, prompts_file=args.prompts, num_images=args.num_images,
         steps=args.steps, guidance=args.guidance, eta=args.eta, seed=args.seed, batch_size=args.batch_size,
         height=args.height, width=args.width, dtype=args.dtype, device=args.device, out=args.out,
         overwrite=args.overwrite,
@@ -203,31 +221,22 @@ def _add_score(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--out", default=None, help="write rows to FILE (.csv or .jsonl)")
     p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     p.set_defaults(handler=_cmd_score)
 
 
 def _cmd_score(args) -> int:
     from tqdm.auto import tqdm
 
-    from rewardtune.rewards import load_reward
-    from rewardtune.score import find_images, match_prompts, score_images, summarize, write_rows
+    from rewardtune.score import run_score
 
-    if args.out and Path(args.out).suffix.lower() not in (".csv", ".jsonl"):
-        raise UserError(f"--out must end in .csv or .jsonl, got {args.out!r}")
-    paths = find_images(args.images)
-    prompts = match_prompts(paths, args.prompt, args.prompts, args.images)
-    reward = load_reward(args.reward, device=args.device, dtype=args.dtype).to(args.device).eval()
-    with tqdm(total=len(paths), desc="scoring", unit="img", disable=len(paths) < 64) as bar:
-        rows, skipped = score_images(reward, paths, prompts, args.batch_size, args.strict, progress=bar.update)
-    for message in skipped:
-        print(f"rewardtune: warning: skipped: {message}", file=sys.stderr)
-    if not rows:
-        raise UserError("no image could be read; nothing scored")
-    if args.out:
-        write_rows(rows, args.out)
-    print(summarize(rows))
+    def warn(message: str) -> None:
+        tqdm.write(f"rewardtune: warning: {message}", file=sys.stderr)
+
+    summary = run_score(args.reward, args.images, args.prompt, args.prompts, args.out, args.batch_size, args.strict,
+                        args.device, args.dtype, warn=warn)
+    print(summary.text())
     return 0
 
 

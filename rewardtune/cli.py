@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -132,7 +133,7 @@ def _cmd_sample(args) -> int:
 
 
 # The schema of each config job, imported only when its --help is shown (torch-free help for the rest).
-CONFIG_SCHEMAS = {"finetune": "rewardtune.finetune.run:RunConfig", "prune": "rewardtune.prune.config:PruneConfig"}
+CONFIG_SCHEMAS = {"finetune": "rewardtune.finetune.config:RunConfig", "prune": "rewardtune.prune.config:PruneConfig"}
 
 
 def _schema_epilog(name: str):
@@ -320,6 +321,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rewardtune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in _ENVIRONMENT_ERRNOS:
+            raise
+        where = f" while writing {exc.filename}" if exc.filename else ""
+        print(f"rewardtune: error: {exc.strerror or exc}{where}; free space or choose a writable location, then "
+              "rerun (runs continue with resume=auto)", file=sys.stderr)
+        return 1
+
+
+# Failures of the machine rather than of the input: one line and exit code 1 instead of a traceback.
+_ENVIRONMENT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ import contextlib
 import functools
 import logging
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +19,7 @@ import torch
 
 from rewardtune.config import require, save_config
 from rewardtune.errors import UserError
+from rewardtune.outputs import check_writable_folder
 from rewardtune.utils.images import make_grid, save_png, to_pil
 from rewardtune.utils.io import atomic_write_json, write_csv
 
@@ -74,23 +73,6 @@ class SampleConfig:
         return prompts
 
 
-def check_writable(path: str | Path, option: str = "--out") -> None:
-    """A one-line :class:`UserError` unless files can be created at ``path``: probed with a temporary folder in
-    the nearest existing folder on the way (removed at once), so nothing is left behind."""
-    path = Path(path)
-    probe = path if path.is_dir() else path.parent
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UserError(f"cannot write {option} {str(path)!r}: {str(probe)!r} is a file, not a folder; "
-                        f"choose another {option}")
-    try:
-        os.rmdir(tempfile.mkdtemp(prefix=".rewardtune-probe-", dir=probe))
-    except OSError as exc:
-        raise UserError(f"cannot write {option} {str(path)!r}: cannot create files in {str(probe)!r} "
-                        f"({exc.strerror or exc}); choose a writable {option}") from None
-
-
 def check_out_dir(out: str | Path, overwrite: bool) -> Path:
     """The checks of :func:`prepare_out_dir`, without creating anything."""
     out = Path(out)
@@ -98,7 +80,7 @@ def check_out_dir(out: str | Path, overwrite: bool) -> Path:
         raise UserError(f"output path {str(out)!r} exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise UserError(f"output folder {str(out)!r} is not empty; choose a new --out or pass --overwrite")
-    check_writable(out)
+    check_writable_folder(out, f"--out {str(out)!r}")
     return out
 
 

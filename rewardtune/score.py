@@ -26,7 +26,7 @@ import torch
 
 from rewardtune.errors import UserError
 from rewardtune.utils.images import IMAGE_SUFFIXES, load_image
-from rewardtune.utils.io import atomic_path, read_text_file
+from rewardtune.utils.io import atomic_path, dumps_json, read_text_file
 
 logger = logging.getLogger(__name__)
 
@@ -216,13 +216,11 @@ def score_images(reward, paths: list[Path], prompts: list[str], batch_size: int 
 
 def check_out(out: str | Path) -> None:
     """``--out`` must be a writable ``.csv`` or ``.jsonl`` file path (checked before anything is loaded)."""
-    from rewardtune.sample import check_writable
+    from rewardtune.outputs import check_writable_file
 
     if Path(out).suffix.lower() not in (".csv", ".jsonl"):
         raise UserError(f"--out must end in .csv or .jsonl, got {str(out)!r}")
-    if Path(out).is_dir():
-        raise UserError(f"--out {str(out)!r} is a folder; give a file path such as scores.csv")
-    check_writable(out)
+    check_writable_file(out, "--out")
 
 
 class _RowSink:
@@ -240,7 +238,7 @@ class _RowSink:
                     self.writer.writeheader()
                 self.writer.writerow(row)
             else:
-                self.fh.write(json.dumps(row) + "\n")
+                self.fh.write(dumps_json(row) + "\n")
             self.fh.flush()
         except OSError as exc:
             raise _write_error(self.out, exc) from None

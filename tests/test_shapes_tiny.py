@@ -4,7 +4,8 @@ from pathlib import Path
 
 import torch
 
-from rewardtune.diffusion.loading import ASSETS, load_pipeline
+from rewardtune.diffusion.loading import load_pipeline
+from rewardtune.models_table import ASSETS
 from rewardtune.sample import SampleConfig, generate_images
 from rewardtune.shapes.oracle import read_images
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -11,19 +12,17 @@ from pathlib import Path
 import torch
 
 from rewardtune.errors import ModelNotFoundError, UserError
+from rewardtune.hub import offline_unless_reachable
+from rewardtune.models_table import PIPELINES
 from rewardtune.registry import Registry
 from rewardtune.utils.devices import DTYPES, to_dtype  # noqa: F401  (re-exported: loading.DTYPES)
 
 logger = logging.getLogger(__name__)
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 MODELS: Registry[str] = Registry("model")
-MODELS.register("shapes-tiny", str(ASSETS / "shapes-tiny"))
-MODELS.register("sd14", "CompVis/stable-diffusion-v1-4")
-MODELS.register("sd15", "stable-diffusion-v1-5/stable-diffusion-v1-5")
-MODELS.register("sd21", "stabilityai/stable-diffusion-2-1")
-MODELS.register("sd21-base", "stabilityai/stable-diffusion-2-1-base")
+for _name, _source in PIPELINES.items():
+    MODELS.register(_name, _source)
 
 
 
@@ -141,7 +140,8 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
         lora_weights(lora)  # before the (slow) base model load
     try:
         pruned = _pruned_unet(source, dtype) if local else {}
-        with _loading_bar(logger.isEnabledFor(logging.INFO)):
+        hub = contextlib.nullcontext() if local else offline_unless_reachable()  # no minute of retries offline
+        with hub, _loading_bar(logger.isEnabledFor(logging.INFO)):
             pipe = StableDiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): to_dtype(dtype)},
                                                            safety_checker=None, requires_safety_checker=False,
                                                            **pruned)

@@ -7,11 +7,9 @@ hundred samples it is biased upwards, so compare values measured with the same s
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
+from rewardtune.models_table import ASSETS
 
 
 def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,29 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from rewardtune.errors import UserError
+from rewardtune.models_table import PATH_REWARD_FACTORIES, REWARD_FACTORIES
 from rewardtune.registry import Registry
 from rewardtune.rewards.base import Reward, check_inputs
 from rewardtune.rewards.combine import WeightedSum, check_not_empty, check_unique, parse_spec, parse_term, parse_weight
 
 REWARDS: Registry[str] = Registry("reward")
-for _name, _target in {
-    "jpeg_compressibility": "rewardtune.rewards.jpeg:jpeg_compressibility",
-    "jpeg_incompressibility": "rewardtune.rewards.jpeg:jpeg_incompressibility",
-    "shapes_gold": "rewardtune.rewards.shapes:load_shapes_gold",
-    "shapes_alignment": "rewardtune.rewards.shapes:load_shapes_alignment",
-    "shapes_preference": "rewardtune.rewards.shapes:load_shapes_preference",
-    "hpsv2": "rewardtune.rewards.hpsv2:load_hpsv2",
-    "hpsv2.1": "rewardtune.rewards.hpsv2:load_hpsv21",
-    "clipscore": "rewardtune.rewards.clipscore:load_clipscore",
-    "pickscore": "rewardtune.rewards.pickscore:load_pickscore",
-    "aesthetic": "rewardtune.rewards.aesthetic:load_aesthetic",
-    "imagereward": "rewardtune.rewards.imagereward:load_imagereward",
-}.items():
+for _name, _target in REWARD_FACTORIES.items():
     REWARDS.register(_name, _target)
 
 # Rewards whose name carries a file: "perceptual:PATH" ("perceptual:PATH:WEIGHT" inside a weighted sum).
 PATH_REWARDS: Registry[str] = Registry("path reward")
-PATH_REWARDS.register("perceptual", "rewardtune.perceptual.image_reward:load_perceptual_reward")
+for _name, _target in PATH_REWARD_FACTORIES.items():
+    PATH_REWARDS.register(_name, _target)
 
 
 def _is_number(text: str) -> bool:

@@ -18,8 +18,15 @@ from pathlib import Path
 
 from rewardtune.hub import hub_file
 from rewardtune.rewards.base import Reward
-from rewardtune.rewards.clipscore import (ClipCosine, build_open_clip, load_tokenizer, load_weights, read_state_dict,
-                                          register_arch, square_image_size)
+from rewardtune.rewards.clipscore import (
+    ClipCosine,
+    build_open_clip,
+    load_tokenizer,
+    load_weights,
+    read_state_dict,
+    register_arch,
+    square_image_size,
+)
 from rewardtune.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, resize_longest_and_pad
 
 logger = logging.getLogger(__name__)

@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError
+from rewardtune.models_table import ASSETS
 from rewardtune.rewards.base import Reward
-
-ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
 
 class ShapesGold(Reward):

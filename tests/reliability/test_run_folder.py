@@ -269,3 +269,17 @@ def test_a_learned_perceptual_reward_finetunes(tiny_pipeline_dir, tmp_path):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["steps"] == 1 and record["skipped"] == 0 and 0 <= record["reward_mean"] <= 1
     assert set(record["reward_components"]) >= {f"perceptual:{path}"}
+
+
+def test_a_full_disk_anywhere_else_is_one_line_with_exit_1(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
+    from rewardtune.finetune import run
+
+    def no_space(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "final"))
+
+    monkeypatch.setattr(run, "save_final_model", no_space)
+    assert main(args(tiny_pipeline_dir, tmp_path / "r")) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (f"rewardtune: error: No space left on device while writing {tmp_path / 'r' / 'final'}; free "
+                   "space or choose a writable location, then rerun (runs continue with resume=auto)")
+    assert (tmp_path / "r" / "checkpoints" / "epoch_1").is_dir()

@@ -283,3 +283,10 @@ def test_a_full_disk_anywhere_else_is_one_line_with_exit_1(tiny_pipeline_dir, tm
     assert err == (f"rewardtune: error: No space left on device while writing {tmp_path / 'r' / 'final'}; free "
                    "space or choose a writable location, then rerun (runs continue with resume=auto)")
     assert (tmp_path / "r" / "checkpoints" / "epoch_1").is_dir()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+def test_device_cuda_without_cuda_is_one_line_before_any_output(tiny_pipeline_dir, tmp_path, capsys):
+    assert main(args(tiny_pipeline_dir, tmp_path / "r", "device=cuda")) == 2
+    assert "device 'cuda' requested but CUDA is not available" in one_line_error(capsys)
+    assert not (tmp_path / "r").exists()

@@ -1,14 +1,27 @@
-"""Diffusion: pipeline loading, the DDIM step with log-probability, and trajectory sampling."""
+"""Diffusion: pipeline loading, the step with log-probability, trajectory sampling, the sampling service
+(:mod:`rewardtune.diffusion.generate`) and re-scoring of stored transitions (:mod:`rewardtune.diffusion.rescore`).
 
-from rewardtune.diffusion.loading import MODELS, load_pipeline, resolve_model
-from rewardtune.diffusion.logprob import ddim_step_with_logprob
-from rewardtune.diffusion.sampling import (
-    Trajectory,
-    decode_latents,
-    encode_prompts,
-    generators_for,
-    sample_trajectories,
-)
+Attributes load on first use, so :mod:`rewardtune.diffusion.settings` (the typed sampler settings) imports without
+torch.
+"""
 
-__all__ = ["MODELS", "load_pipeline", "resolve_model", "ddim_step_with_logprob", "Trajectory", "decode_latents",
-           "encode_prompts", "generators_for", "sample_trajectories"]
+import importlib
+
+_EXPORTS = {
+    "MODELS": "loading", "load_pipeline": "loading", "resolve_model": "loading",
+    "ddim_step_with_logprob": "logprob",
+    "Trajectory": "sampling", "decode_latents": "sampling", "encode_prompts": "sampling",
+    "generators_for": "sampling", "sample_trajectories": "sampling",
+    "SamplerSettings": "settings", "SCHEDULER_FAMILIES": "settings",
+    "Generated": "generate", "generate": "generate", "generate_batches": "generate",
+    "trajectory_log_probs": "rescore",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'rewardtune.diffusion' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"rewardtune.diffusion.{_EXPORTS[name]}"), name)
+
+
+__all__ = list(_EXPORTS)

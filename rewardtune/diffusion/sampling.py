@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from rewardtune.diffusion.logprob import ddim_step_with_logprob
+from rewardtune.diffusion.settings import family_step
 
 
 @dataclass
 class Trajectory:
     """A batch of B denoising trajectories over T steps.
 
-    latents: ``[B,T+1,C,h,w]``, ``x_T`` first and ``x_0`` last.
+    latents: ``[B,T+1,C,h,w]``, ``x_T`` first and ``x_0`` last (``[B,2,C,h,w]`` when sampled without
+    ``keep_latents``).
     log_probs: ``[B,T]``, ``log p(x_{t-1} | x_t, c)`` under the sampling model (NaN when ``eta == 0``).
     timesteps: ``[T]``, the scheduler timesteps in sampling order.
     """
@@ -82,15 +83,19 @@ def sample_trajectories(
     height: int | None = None,
     width: int | None = None,
     progress=None,
+    family: str = "ddim",
+    keep_latents: bool = True,
 ) -> Trajectory:
-    """Sample B trajectories with DDIM (``eta``) and classifier-free guidance.
+    """Sample B trajectories with the scheduler family's step (DDIM with ``eta``) and classifier-free guidance.
 
     Args:
-        pipe: a Stable Diffusion pipeline whose scheduler is a ``DDIMScheduler``.
+        pipe: a Stable Diffusion pipeline whose scheduler is the family's (a ``DDIMScheduler`` for ``ddim``).
         prompt_embeds: ``[B,L,D]`` from :func:`encode_prompts`; ``negative_embeds`` likewise (or None: no CFG).
         generators: one per sample (see :func:`generators_for`); they draw x_T and every step's noise.
         progress: optional callable invoked once per denoising step (e.g. a progress bar's ``update``).
+        keep_latents: keep every step's latents (``[B,T+1,...]``); False keeps ``x_T`` and ``x_0`` (``[B,2,...]``).
     """
+    step = family_step(family)
     batch = prompt_embeds.shape[0]
     if len(generators) != batch:
         raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {batch}")
@@ -100,15 +105,15 @@ def sample_trajectories(
     latents = randn_tensor(latent_shape(pipe, batch, height, width), generator=generators,
                            device=prompt_embeds.device, dtype=torch.float32) * scheduler.init_noise_sigma
     all_latents, log_probs = [latents], []
-    for t in scheduler.timesteps:
+    for i, t in enumerate(scheduler.timesteps):
         t_batch = t.expand(batch)
         model_in = scheduler.scale_model_input(latents, t).to(unet_dtype)
         noise_pred = predict_noise(pipe.unet, model_in, t_batch, prompt_embeds.to(unet_dtype),
                                    None if negative_embeds is None else negative_embeds.to(unet_dtype), guidance)
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t_batch, latents, eta=eta,
-                                                   generator=generators)
+        latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta, generator=generators)
         latents = latents.float()
-        all_latents.append(latents)
+        if keep_latents or i == len(scheduler.timesteps) - 1:
+            all_latents.append(latents)
         log_probs.append(log_prob)
         if progress is not None:
             progress()

@@ -1,8 +1,12 @@
 """Registry of online finetuning algorithms. PRDP and DDPO share everything (rollouts, minibatching, recomputation,
 gradient steps) except this entry: per-sample targets (rewards or advantages) and the loss on per-step log-probs.
 
-An entry is a class built from a :class:`~rewardtune.finetune.config.FinetuneConfig` with
+An entry is a class (or a lazy ``"module:Class"`` string) built as ``Entry(cfg, options)`` from a
+:class:`~rewardtune.finetune.config.FinetuneConfig` and its typed options, declaring what it needs:
 
+* ``Options``: the dataclass of ``train.algorithm_options`` (None for the built-ins, whose options are the
+  ``train.prdp`` / ``train.ddpo`` sections);
+* ``min_images_per_prompt`` (and ``min_images_reason``): checked when the config is built;
 * ``whole_groups``: True when the loss couples the B samples of a prompt (PRDP's pairs), so minibatches must hold
   whole prompt groups;
 * ``targets(rollouts) -> [N*B]``: computed once per epoch, before the K passes;
@@ -10,25 +14,30 @@ An entry is a class built from a :class:`~rewardtune.finetune.config.FinetuneCon
   ``[n]`` targets; ``clipfrac`` is the fraction of steps outside the clip band;
 * ``state_dict()`` / ``load_state_dict()`` for state kept across epochs (DDPO's stat tracker).
 
-    algorithm = make_algorithm(cfg)      # ALGORITHMS.get(cfg.algorithm)(cfg)
+    algorithm = make_algorithm(cfg)
+    ALGORITHMS.register("mine", "my_package.mine:Mine")   # a new algorithm: one file and this line
+
+This module imports torch only inside the entries' methods, so configs validate without it.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+import importlib
+from typing import TYPE_CHECKING, Any, Protocol
 
-import torch
-
-from rewardtune.finetune.advantages import PerPromptStatTracker, batch_advantages
-from rewardtune.finetune.losses import ddpo_loss, prdp_loss_grouped
+from rewardtune.config import from_dict, require
 from rewardtune.registry import Registry
 
 if TYPE_CHECKING:
+    import torch
+
     from rewardtune.finetune.config import FinetuneConfig
     from rewardtune.finetune.rollout import Rollouts
 
 
 class Algorithm(Protocol):
+    Options: type | None
+    min_images_per_prompt: int
     whole_groups: bool
 
     def targets(self, rollouts: Rollouts) -> torch.Tensor: ...
@@ -37,7 +46,7 @@ class Algorithm(Protocol):
              targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-ALGORITHMS: Registry[type] = Registry("algorithm")
+ALGORITHMS: Registry[type | str] = Registry("algorithm")
 
 
 @ALGORITHMS.register("prdp")
@@ -45,9 +54,11 @@ class PRDP:
     """Proximal reward difference prediction: targets are the raw rewards; the loss is Eq. 18 with stepwise
     clipping (Eqs. 19-21) as in Appendix G, per prompt group, averaged over groups."""
 
+    Options = None
+    min_images_per_prompt, min_images_reason = 2, "its loss compares images of the same prompt"
     whole_groups = True
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
+    def __init__(self, cfg: FinetuneConfig, options: None = None) -> None:
         self.beta, self.clip_range = cfg.prdp.beta, cfg.prdp.clip_range
         self.group_size = cfg.images_per_prompt
 
@@ -56,6 +67,8 @@ class PRDP:
 
     def loss(self, log_probs, log_probs_old, log_probs_ref, targets):
         """``[n,k]`` log-probs of ``n = G*B`` group-contiguous samples, ``[n]`` rewards -> scalar loss."""
+        from rewardtune.finetune.losses import prdp_loss_grouped
+
         n, k = log_probs.shape
         shape = (n // self.group_size, self.group_size, k)
         loss = prdp_loss_grouped(log_probs.reshape(shape), log_probs_old.reshape(shape),
@@ -77,14 +90,22 @@ class DDPO:
     clipped to ``+-adv_clip_max``. Non-finite rewards are kept out of the statistics and get a NaN advantage, so
     only the minibatches holding them are skipped."""
 
+    Options = None
+    min_images_per_prompt, min_images_reason = 1, ""
     whole_groups = False
 
-    def __init__(self, cfg: FinetuneConfig) -> None:
+    def __init__(self, cfg: FinetuneConfig, options: None = None) -> None:
+        from rewardtune.finetune.advantages import PerPromptStatTracker
+
         self.cfg = cfg.ddpo
         self.tracker = (PerPromptStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
                         if cfg.ddpo.per_prompt_stats else None)
 
     def targets(self, rollouts: Rollouts) -> torch.Tensor:
+        import torch
+
+        from rewardtune.finetune.advantages import batch_advantages
+
         rewards = rollouts.rewards
         finite = torch.isfinite(rewards)
         advantages = torch.full_like(rewards, float("nan"))
@@ -97,6 +118,10 @@ class DDPO:
 
     def loss(self, log_probs, log_probs_old, log_probs_ref, targets):
         """``[n,k]`` log-probs and ``[n]`` advantages -> PPO-clip loss (the reference is not used)."""
+        import torch
+
+        from rewardtune.finetune.losses import ddpo_loss
+
         loss = ddpo_loss(log_probs, log_probs_old, targets, self.cfg.clip_range)
         ratio = torch.exp(log_probs.detach() - log_probs_old)
         clipfrac = ((ratio - 1.0).abs() > self.cfg.clip_range).float().mean()
@@ -110,6 +135,36 @@ class DDPO:
             self.tracker.load_state_dict(state["tracker"])
 
 
+def algorithm_entry(name: str) -> type:
+    """The registered class of algorithm ``name`` (a lazy ``"module:Class"`` entry is imported here)."""
+    entry = ALGORITHMS.get(name)
+    if isinstance(entry, str):
+        module, _, attr = entry.partition(":")
+        entry = getattr(importlib.import_module(module), attr)
+    return entry
+
+
+def algorithm_options(cfg: FinetuneConfig) -> Any:
+    """``train.algorithm_options`` validated against the algorithm's ``Options`` dataclass (None without one)."""
+    entry = algorithm_entry(cfg.algorithm)
+    if entry.Options is None:
+        require(not cfg.algorithm_options, "algorithm_options", f"empty: {cfg.algorithm} takes its options from "
+                f"the train.{cfg.algorithm} section", cfg.algorithm_options)
+        return None
+    return from_dict(entry.Options, cfg.algorithm_options, prefix="train.algorithm_options.")
+
+
+def check_algorithm(cfg: FinetuneConfig) -> None:
+    """The config's algorithm exists and ``cfg`` meets what it declares (called when the config is built)."""
+    require(cfg.algorithm in ALGORITHMS, "algorithm", "one of " + ", ".join(map(repr, ALGORITHMS.names())),
+            cfg.algorithm)
+    entry = algorithm_entry(cfg.algorithm)
+    minimum = entry.min_images_per_prompt
+    require(cfg.images_per_prompt >= minimum, "images_per_prompt", f"at least {minimum}" + (
+        f" for {cfg.algorithm} ({entry.min_images_reason})" if minimum > 1 else ""), cfg.images_per_prompt)
+    algorithm_options(cfg)
+
+
 def make_algorithm(cfg: FinetuneConfig) -> Algorithm:
-    """The registered algorithm ``cfg.algorithm``, built from ``cfg``."""
-    return ALGORITHMS.get(cfg.algorithm)(cfg)
+    """The registered algorithm ``cfg.algorithm``, built from ``cfg`` and its typed options."""
+    return algorithm_entry(cfg.algorithm)(cfg, algorithm_options(cfg))

@@ -9,9 +9,10 @@ tracking with buffer 32 / min count 16).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 
 from rewardtune.config import PATH, require
+from rewardtune.diffusion.settings import SamplerSettings
 
 
 @dataclass
@@ -47,24 +48,18 @@ class DDPOConfig:
 
 
 @dataclass
-class SamplingConfig:
-    """DDIM sampler of the rollouts. ``eta`` must be > 0: a deterministic step has no log-probability.
-
-    ``batch_size``: samples per sampling call (and (sample, step) pairs per UNet call of the reference pass).
-    """
+class SamplingConfig(SamplerSettings):
+    """The rollout sampler: :class:`~rewardtune.diffusion.settings.SamplerSettings` with PRDP's defaults (50 DDIM
+    steps, eta 1). ``eta`` must be > 0: a deterministic step has no log-probability. ``batch_size``: samples per
+    sampling call (and (sample, step) pairs per UNet call of the reference pass)."""
 
     steps: int = 50
-    guidance: float = 5.0
     eta: float = 1.0
-    negative_prompt: str = ""
-    batch_size: int = 16
 
     def __post_init__(self) -> None:
-        require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)
-        require(self.guidance >= 0, "guidance", ">= 0 (1 disables classifier-free guidance)", self.guidance)
+        super().__post_init__()
         require(0 < self.eta <= 1, "eta", "in (0, 1] (eta=0 is deterministic and has no log-probability)",
                 self.eta)
-        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
 
 
 @dataclass
@@ -92,12 +87,15 @@ class FinetuneConfig:
     prompts from the snapshot, score them, then ``inner_steps`` (K) passes over the N prompt groups with
     ``groups_per_update`` groups per gradient step (None: all N, one step per pass as in PRDP's Algorithm 1).
 
+    ``algorithm``: an entry of :data:`rewardtune.finetune.algorithms.ALGORITHMS` (``prdp``, ``ddpo``, ...);
+    ``algorithm_options``: the options of an algorithm that declares an ``Options`` dataclass.
     ``timestep_fraction``: share of the T steps trained on per sample (a random subset, DDPO's option; PRDP uses 1).
     ``forward_chunk``: (sample, step) pairs per UNet forward in the update; bigger minibatches use an exact
     two-pass gradient (see :mod:`rewardtune.finetune.update`).
     """
 
-    algorithm: Literal["prdp", "ddpo"] = "prdp"
+    algorithm: str = "prdp"
+    algorithm_options: dict[str, Any] = field(default_factory=dict)
     reward: str = "shapes_preference"
     prompts_per_epoch: int = 32
     images_per_prompt: int = 16
@@ -112,14 +110,12 @@ class FinetuneConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def __post_init__(self) -> None:
-        require(self.algorithm in ("prdp", "ddpo"), "algorithm", "one of 'prdp', 'ddpo'", self.algorithm)
+        from rewardtune.finetune.algorithms import check_algorithm
+
         require(bool(self.reward.strip()), "reward", "a reward name or weighted sum (e.g. shapes_preference)",
                 self.reward)
         require(self.prompts_per_epoch >= 1, "prompts_per_epoch", "at least 1", self.prompts_per_epoch)
-        minimum = 2 if self.algorithm == "prdp" else 1
-        require(self.images_per_prompt >= minimum, "images_per_prompt",
-                "at least 2 for prdp (its loss compares images of the same prompt)" if minimum == 2
-                else "at least 1", self.images_per_prompt)
+        check_algorithm(self)  # the registered entry's constraints (e.g. PRDP needs 2 images per prompt)
         require(self.inner_steps >= 1, "inner_steps", "at least 1", self.inner_steps)
         groups = self.groups_per_update
         require(groups is None or (groups >= 1 and self.prompts_per_epoch % groups == 0), "groups_per_update",

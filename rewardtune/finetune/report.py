@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from rewardtune.diffusion.generate import generate
 from rewardtune.finetune.config import SamplingConfig
 from rewardtune.utils.images import make_grid, save_png
 from rewardtune.utils.io import atomic_write_text, dumps_json
@@ -29,18 +31,16 @@ class EvalSet:
     seeds: list[int]
 
 
-@torch.no_grad()
-def sample_images(pipe, prompts: list[str], seeds: list[int], sampling: SamplingConfig) -> torch.Tensor:
-    """Images ``[n,3,H,W]`` in [0,1] of ``prompts[i]`` from ``seeds[i]`` with the run's sampler settings."""
-    from rewardtune.sample import SampleConfig, generate_images
+@dataclass
+class Scorers:
+    """What evaluations score images with: the trained ``reward`` and the optional ``gold`` reward (logged only)."""
 
-    cfg = SampleConfig(steps=sampling.steps, guidance=sampling.guidance, eta=sampling.eta,
-                       batch_size=sampling.batch_size)
-    return generate_images(pipe, prompts, seeds, cfg)
+    reward: Callable
+    gold: Callable | None = None
 
 
-def evaluate(session, evals: EvalSet, heldout: list[str], sampling: SamplingConfig, out: Path, epoch: int,
-             heldout_scores: dict[str, float] | None = None) -> dict:
+def evaluate(pipe, scorers: Scorers, evals: EvalSet, heldout: list[str], sampling: SamplingConfig, out: Path,
+             epoch: int, heldout_scores: dict[str, float] | None = None) -> dict:
     """Sample the evaluation prompts (rows) x seeds (columns) into ``out/grids/epoch_NNNN.png``, score them with
     the trained reward and the gold reward, score the held-out prompts (or take ``heldout_scores`` already computed
     for this model, e.g. by the epoch's metrics), and append the scores to ``eval.jsonl``.
@@ -49,22 +49,22 @@ def evaluate(session, evals: EvalSet, heldout: list[str], sampling: SamplingConf
     """
     prompts = [p for p in evals.prompts for _ in evals.seeds]
     seeds = [s for _ in evals.prompts for s in evals.seeds]
-    images = sample_images(session.pipe, prompts, seeds, sampling)
+    images = generate(pipe, evals.prompts, seeds, sampling, per_prompt=len(evals.seeds)).images
     path = save_png(make_grid(images, ncol=len(evals.seeds)), Path(out) / "grids" / f"epoch_{epoch:04d}.png")
     logger.info("wrote %s", path)
-    record = {"epoch": epoch, **_scores(session, images, prompts, "eval")}
+    record = {"epoch": epoch, **_scores(scorers, images, prompts, "eval")}
     if heldout:
-        record.update(heldout_scores or score_heldout(session, heldout, sampling))
+        record.update(heldout_scores or score_heldout(pipe, scorers, heldout, sampling))
     append_metrics(Path(out) / "eval.jsonl", record)
     return record
 
 
-def _scores(session, images: torch.Tensor, prompts: list[str], prefix: str) -> dict[str, float]:
+def _scores(scorers: Scorers, images: torch.Tensor, prompts: list[str], prefix: str) -> dict[str, float]:
     """Mean trained reward (``<prefix>_reward``) and gold reward (``<prefix>_gold``) of ``images``."""
-    device = getattr(session.reward, "device", "cpu")
-    scores = {f"{prefix}_reward": _finite_mean(session.reward(images.to(device), prompts))}
-    if session.gold is not None:
-        scores[f"{prefix}_gold"] = _finite_mean(session.gold(images.to(session.gold.device), prompts))
+    device = getattr(scorers.reward, "device", "cpu")
+    scores = {f"{prefix}_reward": _finite_mean(scorers.reward(images.to(device), prompts))}
+    if scorers.gold is not None:
+        scores[f"{prefix}_gold"] = _finite_mean(scorers.gold(images.to(scorers.gold.device), prompts))
     return scores
 
 
@@ -99,10 +99,10 @@ def side_by_side(paths: list[Path], labels: list[str], gap: int = 12, label_heig
     return canvas
 
 
-def score_heldout(session, prompts: list[str], sampling: SamplingConfig) -> dict[str, float]:
+def score_heldout(pipe, scorers: Scorers, prompts: list[str], sampling: SamplingConfig) -> dict[str, float]:
     """Mean reward (and gold reward) of one image per held-out prompt, drawn from fixed seeds."""
-    images = sample_images(session.pipe, prompts, [HELDOUT_SEED + i for i in range(len(prompts))], sampling)
-    return _scores(session, images, prompts, "heldout")
+    images = generate(pipe, prompts, [HELDOUT_SEED + i for i in range(len(prompts))], sampling).images
+    return _scores(scorers, images, prompts, "heldout")
 
 
 def _finite_mean(values: torch.Tensor) -> float:

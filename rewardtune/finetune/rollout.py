@@ -22,9 +22,9 @@ from typing import Callable, Literal, Sequence, Union
 
 import torch
 
-from rewardtune.diffusion.sampling import decode_latents, encode_prompts, generators_for, sample_trajectories
+from rewardtune.diffusion.generate import generate_batches
+from rewardtune.diffusion.rescore import trajectory_log_probs
 from rewardtune.finetune.config import SamplingConfig
-from rewardtune.finetune.update import trajectory_log_probs
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class Rollouts:
     log_probs_ref: ``[S,T]`` the same transitions under the reference model.
     prompt_embeds: ``[N,L,D]`` one per group. negative_embeds: ``[1,L,D]``, or None without CFG.
     rewards: ``[S]`` (on the latents' device). reward_components: ``{name: [S]}``.
-    images: ``[S,3,H,W]`` in [0,1], on the CPU. seeds: ``[S]``.
+    images: ``[S,3,H,W]`` in [0,1], on the CPU. seeds: ``[S]``. family: the scheduler family that sampled them.
     """
 
     prompts: list[str]
@@ -58,6 +58,7 @@ class Rollouts:
     seeds: list[int]
     images_per_prompt: int
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
+    family: str = "ddim"
 
     @property
     def num_samples(self) -> int:
@@ -144,41 +145,35 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
         seeds: one per sample (``N*B``, group-major) or an int ``s`` meaning ``s, s+1, ...``.
         reference: see the module docstring.
 
-    Sampling runs in chunks of ``cfg.batch_size`` samples, each a batched :func:`sample_trajectories` call.
+    Sampling runs through :func:`rewardtune.diffusion.generate.generate_batches` in chunks of ``cfg.batch_size``
+    samples, each scored as it finishes.
     """
     prompts = list(prompts)
     if not prompts or images_per_prompt < 1:
-        raise ValueError(f"need at least one prompt and one image per prompt, got {len(prompts)} x {images_per_prompt}")
+        raise ValueError(f"need at least one prompt and one image per prompt, got {len(prompts)} x "
+                         f"{images_per_prompt}")
     total = len(prompts) * images_per_prompt
     seeds = list(range(seeds, seeds + total)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if len(seeds) != total:
         raise ValueError(f"need one seed per sample: {len(prompts)} prompts x {images_per_prompt} = {total}, "
                          f"got {len(seeds)}")
     device = pipe.unet.device
-    prompt_embeds = encode_prompts(pipe, prompts)
-    negative = encode_prompts(pipe, [cfg.negative_prompt]) if cfg.guidance != 1.0 else None
-    group = torch.arange(len(prompts), device=device).repeat_interleave(images_per_prompt)
-    sample_prompts = [prompts[int(g)] for g in group.tolist()]
     latents, log_probs, rewards, images, components = [], [], [], [], []
-    for start in range(0, total, cfg.batch_size):
-        part = slice(start, start + cfg.batch_size)
-        embeds = prompt_embeds[group[part]]
-        trajectory = sample_trajectories(pipe, embeds, None if negative is None else negative.expand_as(embeds),
-                                         generators_for(seeds[part], device), steps=cfg.steps,
-                                         guidance=cfg.guidance, eta=cfg.eta)
-        decoded = decode_latents(pipe, trajectory.final)
-        scores, parts = _score(reward, decoded, sample_prompts[part])
-        latents.append(trajectory.latents)
-        log_probs.append(trajectory.log_probs)
+    for part in generate_batches(pipe, prompts, seeds, cfg, per_prompt=images_per_prompt, keep_trajectories=True):
+        scores, parts = _score(reward, part.images, [prompts[int(g)] for g in part.group.tolist()])
+        latents.append(part.trajectory.latents)
+        log_probs.append(part.trajectory.log_probs)
         rewards.append(scores.to(device))
-        images.append(decoded.cpu())
+        images.append(part.images)
         components.append(parts)
+    group = torch.arange(len(prompts), device=device).repeat_interleave(images_per_prompt)
     log_probs_old = torch.cat(log_probs)
     rollouts = Rollouts(
-        prompts=sample_prompts, group=group, latents=torch.cat(latents), timesteps=trajectory.timesteps,
-        log_probs_old=log_probs_old, log_probs_ref=log_probs_old, prompt_embeds=prompt_embeds,
-        negative_embeds=negative, rewards=torch.cat(rewards), images=torch.cat(images), seeds=seeds,
-        images_per_prompt=images_per_prompt, reward_components=_concat_components(components, device))
+        prompts=[prompts[int(g)] for g in group.tolist()], group=group, latents=torch.cat(latents),
+        timesteps=part.trajectory.timesteps, log_probs_old=log_probs_old, log_probs_ref=log_probs_old,
+        prompt_embeds=part.prompt_embeds, negative_embeds=part.negative_embeds, rewards=torch.cat(rewards),
+        images=torch.cat(images), seeds=seeds, images_per_prompt=images_per_prompt,
+        reward_components=_concat_components(components, device), family=cfg.scheduler)
     rollouts.log_probs_ref = reference_log_probs(pipe.unet, pipe.scheduler, rollouts, reference, cfg)
     bad = int((~torch.isfinite(rollouts.rewards)).sum())
     if bad:

@@ -22,9 +22,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from rewardtune.diffusion.logprob import ddim_step_with_logprob
+from rewardtune.diffusion.rescore import pair_log_probs, sync_timesteps, trajectory_log_probs
 from rewardtune.errors import UserError
-from rewardtune.diffusion.sampling import predict_noise
 
 if TYPE_CHECKING:
     from rewardtune.finetune.algorithms import Algorithm
@@ -32,71 +31,6 @@ if TYPE_CHECKING:
     from rewardtune.finetune.rollout import Rollouts
 
 logger = logging.getLogger(__name__)
-
-
-def model_dtype(unet) -> torch.dtype:
-    """Input dtype of ``unet`` (a diffusers model, or a wrapper such as DDP whose ``.module`` is one)."""
-    inner = getattr(unet, "module", unet)
-    return getattr(inner, "dtype", None) or next(inner.parameters()).dtype
-
-
-def sync_timesteps(scheduler, timesteps: torch.Tensor) -> None:
-    """Put ``scheduler`` on the recorded ``timesteps [T]`` (set_timesteps(T)); raise if they cannot match."""
-    steps = len(timesteps)
-    current = getattr(scheduler, "timesteps", None)
-    if scheduler.num_inference_steps != steps or current is None or not torch.equal(current.cpu(), timesteps.cpu()):
-        scheduler.set_timesteps(steps, device=timesteps.device)
-    if not torch.equal(scheduler.timesteps.cpu(), timesteps.cpu()):
-        raise ValueError(f"the scheduler's {steps} timesteps {scheduler.timesteps.tolist()} differ from the "
-                         f"recorded ones {timesteps.tolist()}; use the scheduler that sampled the rollouts")
-
-
-def pair_log_probs(unet, scheduler, rollouts: Rollouts, samples: torch.Tensor, steps: torch.Tensor,
-                   guidance: float, eta: float) -> torch.Tensor:
-    """``log p_theta(x_{t-1} | x_t, c)`` of P recorded transitions in one (CFG-batched) UNet call.
-
-    Args:
-        samples, steps: ``[P]`` sample indices and step indices (step j scores ``latents[:, j] -> latents[:, j+1]``
-            at ``timesteps[j]``); pairs may mix samples and steps freely.
-
-    Returns:
-        ``[P]`` log-probs, averaged over latent dimensions (Eqs. 2-4 with the DDPO/PRDP normalisation).
-    """
-    device = rollouts.latents.device
-    samples, steps = samples.to(device), steps.to(device)
-    x_t = rollouts.latents[samples, steps]
-    x_prev = rollouts.latents[samples, steps + 1]
-    t = rollouts.timesteps.to(device)[steps]
-    dtype = model_dtype(unet)
-    embeds = rollouts.prompt_embeds[rollouts.group[samples]].to(dtype)
-    negative = rollouts.negative_embeds
-    if negative is not None:
-        negative = negative.to(dtype).expand(len(samples), -1, -1)
-    model_in = scheduler.scale_model_input(x_t, t).to(dtype)
-    noise = predict_noise(unet, model_in, t, embeds, negative, guidance)
-    _, log_prob = ddim_step_with_logprob(scheduler, noise, t, x_t, eta=eta, prev_sample=x_prev)
-    return log_prob
-
-
-def trajectory_log_probs(unet, scheduler, rollouts: Rollouts, index: torch.Tensor, step_indices: torch.Tensor,
-                         guidance: float, eta: float, chunk: int | None = None) -> torch.Tensor:
-    """Recompute per-step log-probs ``[n,k]`` of samples ``index [n]`` at steps ``step_indices`` (``[n,k]``, one
-    row of steps per sample, or ``[k]`` shared by all), in UNet calls of at most ``chunk`` (sample, step) pairs.
-
-    Differentiable when called with grad enabled (all chunks stay in the graph; see the module docstring for
-    the memory-bounded gradient).
-    """
-    sync_timesteps(scheduler, rollouts.timesteps)
-    index = torch.as_tensor(index).long().cpu()
-    step_indices = torch.as_tensor(step_indices).long().cpu()
-    if step_indices.ndim == 1:
-        step_indices = step_indices.expand(len(index), -1)
-    n, k = step_indices.shape
-    samples, steps = index[:, None].expand(n, k).reshape(-1), step_indices.reshape(-1)
-    chunk = chunk or len(samples)
-    parts = [pair_log_probs(unet, scheduler, rollouts, samples[i:i + chunk], steps[i:i + chunk], guidance, eta)
-             for i in range(0, len(samples), chunk)]
-    return torch.cat(parts).reshape(n, k)
 
 
 @dataclass
@@ -254,8 +188,9 @@ def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algor
     The algorithm's targets are computed once per call (this updates DDPO's stat tracker): call it once per epoch.
     """
     if (rollouts.num_groups, rollouts.images_per_prompt) != (cfg.prompts_per_epoch, cfg.images_per_prompt):
-        raise ValueError(f"rollouts hold {rollouts.num_groups} prompts x {rollouts.images_per_prompt} images but the "
-                         f"config says {cfg.prompts_per_epoch} x {cfg.images_per_prompt}; collect them with this config")
+        raise ValueError(f"rollouts hold {rollouts.num_groups} prompts x {rollouts.images_per_prompt} images but "
+                         f"the config says {cfg.prompts_per_epoch} x {cfg.images_per_prompt}; collect them with this "
+                         "config")
     generator = generator or torch.Generator().manual_seed(cfg.seed)
     backward = backward or (lambda loss: loss.backward())
     clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_

@@ -47,21 +47,16 @@ class DistillWeights:
 
 def teacher_data(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0,
                  batch_size: int = 64, progress: Callable[[int], None] | None = None) -> DistillData:
-    """Latents sampled by the (unpruned) pipeline for ``prompts[i]`` from ``seeds[i]`` (DDIM, eta 0)."""
-    from rewardtune.diffusion.sampling import encode_prompts, generators_for, sample_trajectories
+    """Latents sampled by the (unpruned) pipeline for ``prompts[i]`` from ``seeds[i]`` (DDIM, eta 0), with the
+    prompts' text states, from the sampling service (no decoding)."""
+    from rewardtune.diffusion.generate import generate
+    from rewardtune.diffusion.sampling import encode_prompts
+    from rewardtune.diffusion.settings import SamplerSettings
 
-    empty = encode_prompts(pipe, [""])
-    latents, states = [], []
-    for start in range(0, len(prompts), batch_size):
-        embeds = encode_prompts(pipe, prompts[start:start + batch_size])
-        gens = generators_for(seeds[start:start + batch_size], pipe.unet.device)
-        traj = sample_trajectories(pipe, embeds, empty.expand_as(embeds), gens, steps=steps, guidance=guidance,
-                                   eta=0.0)
-        latents.append(traj.final)
-        states.append(embeds)
-        if progress is not None:
-            progress(embeds.shape[0])
-    return DistillData(torch.cat(latents), torch.cat(states), empty)
+    settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)
+    out = generate(pipe, prompts, seeds, settings, decode=False, progress=progress)
+    empty = out.negative_embeds if out.negative_embeds is not None else encode_prompts(pipe, [""])
+    return DistillData(out.final_latents, out.prompt_embeds[out.group], empty)
 
 
 @torch.no_grad()

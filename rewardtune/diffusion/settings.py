@@ -1,0 +1,53 @@
+"""What a sampler needs to know, without importing torch: :class:`SamplerSettings` (the ``sampling`` part of every
+config that samples) and the registry of scheduler families.
+
+A scheduler family is a ``"module:function"`` string naming its step with a log-probability,
+``step(scheduler, model_output, t, sample, eta, prev_sample=None, generator=None) -> (prev_sample, log_prob [B])``,
+used both to sample (:func:`rewardtune.diffusion.sampling.sample_trajectories`) and to re-score stored transitions
+(:mod:`rewardtune.diffusion.rescore`). Adding a family (e.g. flow matching's SDE step) is one registry line.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from rewardtune.config import require
+from rewardtune.registry import Registry
+
+SCHEDULER_FAMILIES: Registry[str] = Registry("scheduler family")
+SCHEDULER_FAMILIES.register("ddim", "rewardtune.diffusion.logprob:ddim_step_with_logprob")
+
+
+@functools.cache
+def family_step(name: str) -> Callable:
+    """The step-with-log-probability function of scheduler family ``name`` (imported on first use)."""
+    module, _, function = SCHEDULER_FAMILIES.get(name).partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+@dataclass
+class SamplerSettings:
+    """How to sample. ``eta``: 0 is deterministic DDIM, 1 DDPM-like (every step then has a log-probability);
+    ``guidance``: classifier-free guidance scale (1 disables it); ``negative_prompt``: the unconditional prompt;
+    ``batch_size``: samples per denoising call; ``height``/``width``: None for the UNet's native size;
+    ``scheduler``: the scheduler family (an entry of :data:`SCHEDULER_FAMILIES`)."""
+
+    steps: int = 20
+    guidance: float = 5.0
+    eta: float = 0.0
+    negative_prompt: str = ""
+    batch_size: int = 16
+    height: int | None = None
+    width: int | None = None
+    scheduler: str = "ddim"
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)
+        require(self.guidance >= 0, "guidance", ">= 0 (1 disables classifier-free guidance)", self.guidance)
+        require(0 <= self.eta <= 1, "eta", "in [0, 1]", self.eta)
+        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        require(self.scheduler in SCHEDULER_FAMILIES, "scheduler", "one of " + ", ".join(SCHEDULER_FAMILIES.names()),
+                self.scheduler)

@@ -1,0 +1,353 @@
+"""The trainer recipe of an online finetuning run (PRDP Algorithm 1; DDPO and any registered algorithm in the same
+harness): :class:`Trainer` owns setup, epochs, updates, evaluation, checkpoints and resume; losses stay pure
+functions in :mod:`rewardtune.finetune.losses` behind :mod:`rewardtune.finetune.algorithms`.
+
+Each epoch ``e`` (0-based):
+
+1. draw N prompts and N*B sample seeds from a generator seeded by ``(train.seed, e)`` (so a resumed run draws the
+   same ones as an uninterrupted run);
+2. sample B trajectories per prompt from the current model, which *is* the snapshot theta_old, recording per-step
+   log-probs under it and under the reference (the base UNet: a frozen copy for full finetuning, the same UNet
+   with its adapters off for LoRA; no second pass at epoch 0), and score the images with ``train.reward``;
+3. score the same images with ``gold_reward`` (logged only, never trained on);
+4. K passes of gradient steps (:func:`rewardtune.finetune.update.update_epoch`) with accelerate's backward and
+   gradient clipping;
+5. append one line to ``metrics.jsonl``, redraw ``reward_curve.png``; every ``save_every`` epochs write a
+   checkpoint (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the fixed evaluation prompts and seeds.
+
+With several processes each process takes a contiguous block of N / P whole prompt groups; the UNet is wrapped by
+``accelerator.prepare`` (DDP averages the gradients) and only the main process writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from rewardtune.config import save_config
+from rewardtune.finetune.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    resume_candidates,
+    save_checkpoint,
+    save_final_model,
+)
+from rewardtune.finetune.config import FinetuneConfig, RunConfig
+from rewardtune.finetune.report import (
+    EvalSet,
+    Scorers,
+    append_metrics,
+    before_after,
+    epoch_metrics,
+    evaluate,
+    plot_reward_curve,
+    read_metrics,
+    score_heldout,
+)
+
+if TYPE_CHECKING:
+    from rewardtune.finetune.algorithms import Algorithm
+    from rewardtune.finetune.rollout import Reference, Rollouts
+    from rewardtune.finetune.run import RunPlan
+
+logger = logging.getLogger(__name__)
+
+LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+HELDOUT_KEYS = ("heldout_reward", "heldout_gold")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """CPU generator of epoch ``epoch``'s prompt, seed and minibatch draws; independent of the run's history."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+def draw_epoch(prompts: list[str], cfg: FinetuneConfig, generator: torch.Generator) -> tuple[list[str], list[int]]:
+    """N prompts (without replacement when the set is large enough) and ``N*B`` sample seeds (group-major)."""
+    n = cfg.prompts_per_epoch
+    if n <= len(prompts):
+        index = torch.randperm(len(prompts), generator=generator)[:n]
+    else:
+        index = torch.randint(len(prompts), (n,), generator=generator)
+    seeds = torch.randint(0, 2**31 - 1, (n * cfg.images_per_prompt,), generator=generator)
+    return [prompts[i] for i in index.tolist()], seeds.tolist()
+
+
+def local_config(cfg: FinetuneConfig, num_processes: int) -> FinetuneConfig:
+    """This process's share: ``N / P`` prompt groups (and ``groups_per_update / P``)."""
+    if num_processes == 1:
+        return cfg
+    groups = cfg.groups_per_update and cfg.groups_per_update // num_processes
+    return dataclasses.replace(cfg, prompts_per_epoch=cfg.prompts_per_epoch // num_processes,
+                               groups_per_update=groups)
+
+
+class TimedReward:
+    """Wraps a reward and adds up the seconds spent in its calls (to split sampling from scoring time)."""
+
+    def __init__(self, reward) -> None:
+        self.reward, self.seconds = reward, 0.0
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        start = time.perf_counter()
+        try:
+            return self.reward(images, prompts)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+    @property
+    def components(self) -> dict[str, torch.Tensor]:
+        return getattr(self.reward, "components", {})
+
+    @property
+    def device(self):
+        return getattr(self.reward, "device", torch.device("cpu"))
+
+
+@dataclass
+class Trainer:
+    """The live objects of one run and its steps. ``unet`` is the trained model as prepared by accelerate (maybe
+    DDP-wrapped; ``pipe.unet`` is the bare one); ``reference`` the model of PRDP's log-ratios (see
+    :mod:`rewardtune.finetune.rollout`)."""
+
+    cfg: RunConfig
+    plan: RunPlan
+    accelerator: object
+    pipe: object
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    algorithm: Algorithm
+    reference: Reference
+    scorers: Scorers
+    out: Path
+    evals: EvalSet
+
+    @classmethod
+    def build(cls, cfg: RunConfig, plan: RunPlan, accelerator) -> Trainer:
+        """Pipeline (VAE and text encoder frozen), trainable UNet or LoRA adapters, reference, optimizer, rewards."""
+        from rewardtune.diffusion.loading import load_pipeline
+        from rewardtune.finetune.algorithms import make_algorithm
+        from rewardtune.finetune.update import make_optimizer
+        from rewardtune.rewards import load_reward
+
+        seed_everything(cfg.train.seed)
+        device = str(accelerator.device)
+        pipe = load_pipeline(cfg.model, device=device)
+        pipe.vae.requires_grad_(False)
+        pipe.text_encoder.requires_grad_(False)
+        reference = _add_trainable(pipe, cfg)
+        optimizer = make_optimizer(pipe.unet.parameters(), cfg.train.optim)
+        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        reward = load_reward(cfg.train.reward, device=device).to(device).eval()
+        gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
+        return cls(cfg, plan, accelerator, pipe, unet, optimizer, make_algorithm(cfg.train), reference,
+                   Scorers(reward, gold), Path(cfg.output_dir), EvalSet(cfg.eval_prompts, cfg.eval_seeds))
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def resume(self) -> int:
+        """Restore the latest readable checkpoint (``cfg.resume``); returns the epochs already done."""
+        from rewardtune.finetune.update import apply_optim_config
+
+        candidates = resume_candidates(self.cfg.resume, self.out)
+        start = load_checkpoint(candidates, self.pipe.unet, self.optimizer, self.algorithm) if candidates else 0
+        apply_optim_config(self.optimizer, self.cfg.train.optim)  # the restored state holds the old settings
+        return start
+
+    def epoch(self, epoch: int) -> dict:
+        """One online epoch (steps 1-4 of the module docstring); returns the gathered metrics record."""
+        from rewardtune.finetune.rollout import collect_rollouts, epoch_reference
+
+        acc, train = self.accelerator, self.cfg.train
+        generator = epoch_generator(train.seed, epoch)
+        prompts, seeds = draw_epoch(self.plan.prompts, train, generator)
+        local = local_config(train, acc.num_processes)
+        n, b = local.prompts_per_epoch, train.images_per_prompt
+        prompts = prompts[acc.process_index * n:(acc.process_index + 1) * n]
+        seeds = seeds[acc.process_index * n * b:(acc.process_index + 1) * n * b]
+        reward, start = TimedReward(self.scorers.reward), time.perf_counter()
+        rollouts = collect_rollouts(self.pipe, prompts, b, train.sampling, reward, seeds,
+                                    reference=epoch_reference(epoch, self.reference))
+        gold = TimedReward(self.scorers.gold) if self.scorers.gold is not None else None
+        gold_scores = gold(rollouts.images.to(gold.device), rollouts.prompts) if gold else None
+        gold_components = dict(gold.components) if gold else {}  # before held-out scoring overwrites them
+        sampled = time.perf_counter()
+        update = self.update(rollouts, local, generator, epoch)
+        updated = time.perf_counter()
+        reward_seconds = reward.seconds + (gold.seconds if gold else 0.0)
+        seconds = {"sampling": sampled - start - reward_seconds, "reward": reward_seconds,
+                   "update": updated - sampled}
+        heldout = {}
+        if self.plan.heldout and self.main:
+            heldout = score_heldout(self.pipe, self.scorers, self.plan.heldout, train.sampling)
+        return epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
+
+    def update(self, rollouts: Rollouts, local: FinetuneConfig, generator: torch.Generator, epoch: int) -> dict:
+        """K passes of gradient steps; a divergence stops the run with one line naming the last good checkpoint."""
+        from rewardtune.finetune.update import DivergedError, update_epoch
+
+        acc = self.accelerator
+        try:
+            return update_epoch(self.unet, self.optimizer, rollouts, local, self.algorithm,
+                                scheduler=self.pipe.scheduler, generator=generator, backward=acc.backward,
+                                clip_grad_norm=acc.clip_grad_norm_)
+        except DivergedError as exc:
+            kept = list_checkpoints(self.out)
+            last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
+            raise DivergedError(f"training diverged in epoch {epoch + 1}: {exc}; nothing was saved after it and "
+                                f"{last}; lower train.optim.lr (resume with resume=auto "
+                                "resume_allow_changes=[train.optim.lr])") from None
+
+    def evaluate(self, epoch: int, heldout_scores: dict[str, float] | None = None) -> dict:
+        """The fixed evaluation grid and scores of the current model (see :func:`report.evaluate`)."""
+        return evaluate(self.pipe, self.scorers, self.evals, self.plan.heldout, self.cfg.train.sampling, self.out,
+                        epoch, heldout_scores)
+
+    def evaluate_if_missing(self, epoch: int) -> None:
+        """Evaluate the model of ``epoch`` unless ``eval.jsonl`` has it: epoch 0 of a new run, or the resumed
+        checkpoint's evaluation when a kill came between saving the checkpoint and evaluating it."""
+        if any(r.get("epoch") == epoch for r in read_metrics(self.out / "eval.jsonl")):
+            return
+        record = next((r for r in read_metrics(self.out / "metrics.jsonl") if r.get("epoch") == epoch), {})
+        self.evaluate(epoch, {k: record[k] for k in HELDOUT_KEYS if record.get(k) is not None} or None)
+
+    def checkpoint(self, done: int, record: dict) -> None:
+        """Checkpoint ``done`` epochs, then evaluate that model (held-out scores reused from the epoch's record)."""
+        self.accelerator.wait_for_everyone()
+        if self.main:
+            save_checkpoint(self.out, done, self.pipe.unet, self.optimizer, self.algorithm, self.cfg.keep_last)
+            self.evaluate(done, {k: record[k] for k in HELDOUT_KEYS if k in record})
+
+    def finish(self, record: dict, start: int, began: float) -> dict:
+        """Save ``final/`` and ``summary.json`` (main process) after checking that the replicas agree."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        final = self.out / "final"
+        in_sync = ranks_in_sync(acc, acc.unwrap_model(self.unet))
+        summary = {}
+        if self.main:
+            self.pipe.unet = acc.unwrap_model(self.unet)
+            save_final_model(self.pipe, self.pipe.unet, final, lora=bool(self.cfg.lora_rank),
+                             base_model=base_model_name(self.cfg.model))
+            summary = summarise_run(record, self.out, final, start, self.cfg.epochs, time.perf_counter() - began)
+        return {**summary, "processes": acc.num_processes, "ranks_in_sync": in_sync}
+
+    def fit(self) -> dict:
+        """Resume, then epochs with checkpoints and evaluations, then the final model; returns the summary."""
+        start, began = self.resume(), time.perf_counter()
+        if self.main:
+            save_config(self.cfg, self.out / "config.yaml")
+            self.evaluate_if_missing(start)
+        log = MetricsLog(self.out, self.main, range(start, self.cfg.epochs), self.cfg.train.algorithm)
+        record = log.last(start)  # a finished run's last epoch, when there is nothing left to run
+        for epoch in log:
+            record = self.epoch(epoch)
+            log.append(record)
+            done = epoch + 1
+            if done % self.cfg.save_every == 0 or done == self.cfg.epochs:
+                self.checkpoint(done, record)
+        return self.finish(record, start, began)
+
+
+def _add_trainable(pipe, cfg: RunConfig) -> Reference:
+    """Make the UNet (or LoRA adapters on it) trainable; returns the reference of PRDP's log-ratios."""
+    from rewardtune.finetune.rollout import ADAPTERS_DISABLED
+
+    if cfg.lora_rank:
+        from peft import LoraConfig
+
+        pipe.unet.requires_grad_(False)
+        pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                         init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        reference = ADAPTERS_DISABLED
+    else:
+        reference = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+    if cfg.gradient_checkpointing:
+        pipe.unet.enable_gradient_checkpointing()
+    return reference
+
+
+class MetricsLog:
+    """The epochs to run with a progress bar (main process); each record goes to ``metrics.jsonl`` and
+    ``reward_curve.png`` and its rewards to the bar."""
+
+    def __init__(self, out: Path, main: bool, epochs: range, algorithm: str) -> None:
+        from tqdm.auto import tqdm
+
+        self.out, self.main = out, main
+        self.bar = tqdm(epochs, desc=f"{algorithm} epochs", unit="epoch", disable=not main, initial=epochs.start,
+                        total=epochs.stop)
+
+    def __iter__(self):
+        return iter(self.bar)
+
+    def last(self, epoch: int) -> dict:
+        """The logged record of ``epoch`` ({} when there is none)."""
+        records = read_metrics(self.out / "metrics.jsonl") if self.main else []
+        return next((r for r in records if r.get("epoch") == epoch), {})
+
+    def append(self, record: dict) -> None:
+        if not self.main:
+            return
+        append_metrics(self.out / "metrics.jsonl", record)
+        plot_reward_curve(self.out)
+        keys = {"reward": "reward_mean", "gold": "gold_reward", "heldout": "heldout_reward"}
+        self.bar.set_postfix({k: f"{record[v]:.3g}" for k, v in keys.items()
+                              if isinstance(record.get(v), float) and math.isfinite(record[v])})
+
+
+def base_model_name(model: str) -> str:
+    """What a LoRA final folder names as its base: a registered name or hub id as given, a local folder as an
+    absolute path (so the note works from any working directory)."""
+    from rewardtune.models_table import PIPELINES
+
+    path = Path(model).expanduser()
+    return str(path.resolve()) if model not in PIPELINES and path.exists() else model
+
+
+def ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
+    """True when every process holds the same trainable weights (per-tensor float64 sums gathered and compared):
+    a cheap end-of-run check that gradient synchronisation kept the replicas identical."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    fingerprint = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)
+    gathered = accelerator.gather(fingerprint[None]).reshape(accelerator.num_processes, -1)
+    return bool((gathered == gathered[0]).all())
+
+
+def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int, seconds: float) -> dict:
+    """The run's summary (also written to ``out/summary.json``): the last epoch's headline metrics, the fixed
+    evaluation's before -> after scores (``eval_*`` on the grid prompts, ``heldout_*`` on unseen prompts), the
+    wall time and where things are."""
+    from rewardtune.utils.io import atomic_write_json
+
+    keys = ("reward_mean", "gold_reward", "heldout_reward", "loss", "skipped")
+    summary = {k: record[k] for k in keys if k in record and record[k] is not None}
+    summary.update(before_after(out))
+    summary.update(epochs_run=epochs - start, seconds=seconds, output_dir=str(out), final=str(final),
+                   comparison=str(out / "before_after.png"))
+    summary = _rounded(summary)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value

@@ -36,10 +36,39 @@ def test_unknown_reward_lists_valid_names_and_bad_options():
     with pytest.raises(UserError) as exc:
         load_reward("hps")
     assert "unknown reward 'hps'; choose one of:" in str(exc.value) and "hpsv2" in str(exc.value)
-    with pytest.raises(UserError, match="does not take option 'colour'"):
+    with pytest.raises(UserError) as exc:
         load_reward("jpeg_compressibility", colour=3)
+    assert str(exc.value) == ("reward 'jpeg_compressibility' does not take option 'colour'; accepted options: device, "
+                              "dtype, quality")
     with pytest.raises(UserError, match="not a component"):
         load_reward("jpeg_compressibility:1,shapes_gold:1", hpsv2={})
+
+
+def test_reward_options_follow_the_factory_signature(monkeypatch, tmp_path):
+    import types
+
+    import rewardtune.rewards as rewards
+
+    seen = {}
+
+    def open_factory(device="cpu", **kwargs):  # takes any option
+        seen.update(kwargs)
+        return types.SimpleNamespace()
+
+    def broken_factory(device="cpu"):  # a TypeError inside a factory is not mistaken for a bad option
+        raise TypeError("unexpected keyword argument 'inner'")
+
+    monkeypatch.setattr(rewards, "_factory", lambda name: open_factory)
+    assert load_reward("shapes_gold", anything=1).name == "shapes_gold" and seen == {"anything": 1}
+    monkeypatch.setattr(rewards, "_factory", lambda name: broken_factory)
+    with pytest.raises(TypeError, match="'inner'"):
+        load_reward("shapes_gold")
+    monkeypatch.undo()
+    path = tmp_path / "r.pt"
+    path.write_bytes(b"")
+    with pytest.raises(UserError, match=r"reward 'perceptual:.*' does not take option 'path'; accepted options: "
+                                        r"combine, device, dtype$"):  # the path is bound already
+        load_reward(f"perceptual:{path}", path="x")
 
 
 def _jpeg_kb(image):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -92,14 +93,23 @@ def _factory(name: str) -> Callable[..., Reward]:
     return getattr(importlib.import_module(module), function)
 
 
+def _accepted_options(factory: Callable[..., Reward]) -> list[str] | None:
+    """The keyword names ``factory`` takes, sorted; None when it takes any (``**kwargs``)."""
+    params = inspect.signature(factory).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return sorted(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
+
 def _load_one(name: str, options: dict[str, Any]) -> Reward:
-    try:
-        reward = _factory(name)(**options)
-    except TypeError as exc:
-        if "unexpected keyword argument" in str(exc):
-            bad = str(exc).split("'")[1] if "'" in str(exc) else str(exc)
-            raise UserError(f"reward {name!r} does not take option {bad!r}") from None
-        raise
+    """Build one registered reward; an option its factory's signature lacks is a one-line error."""
+    factory = _factory(name)
+    accepted = _accepted_options(factory)
+    unknown = sorted(set(options) - set(accepted)) if accepted is not None else []
+    if unknown:
+        raise UserError(f"reward {name!r} does not take option {unknown[0]!r}; accepted options: "
+                        f"{', '.join(accepted) or 'none'}")
+    reward = factory(**options)
     reward.name = name
     return reward
 

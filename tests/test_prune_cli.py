@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from rewardtune.cli import main
 from rewardtune.presets import load_preset
@@ -27,10 +28,12 @@ def test_prune_cli_writes_a_pipeline_that_sample_loads(tiny_pipeline_dir, tmp_pa
 
 
 def test_prune_cli_taylor_blocks_and_lottery(tiny_pipeline_dir, tmp_path):
-    for i, extra in enumerate([["importance=diff_pruning", "options={stride: 500}"],
-                               ["method=blocks", "options={mid_block: false}"],
-                               ["method=lottery", "ratio=0.6", "options={rounds: 2, round_steps: 1}"]]):
+    runs = [(["importance=diff_pruning", "options.stride=500"], {"stride": 500}),
+            (["method=blocks", "options={mid_block: false}"], {"mid_block": False}),
+            (["method=lottery", "ratio=0.6", "options={rounds: 2, round_steps: 1}"], {"rounds": 2, "round_steps": 1})]
+    for i, (extra, options) in enumerate(runs):
         assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / str(i)}", *FAST, *extra]) == 0
+        assert yaml.safe_load((tmp_path / str(i) / "config.yaml").read_text())["options"] == options  # typed
 
 
 @pytest.mark.parametrize("override, message", [
@@ -39,6 +42,8 @@ def test_prune_cli_taylor_blocks_and_lottery(tiny_pipeline_dir, tmp_path):
     ("method=bogus", "config key 'method' must be one of blocks, lottery, magnitude, structured"),
     ("ratio=0.9", "would remove a whole layer"),
     ("recover.ema=1", "config key 'recover.ema' must be in [0, 1)"),
+    ("options.round_to=eight", "config key 'options.round_to' expects int or null, got 'eight'"),
+    ("options.ignored=[conv_outt]", "ignored layer 'conv_outt' is not a module"),
 ])
 def test_prune_cli_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys, override, message):
     assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, override]) == 2

@@ -97,10 +97,10 @@ def test_attention_scale_fix_keeps_logits_of_kept_dims():
     assert torch.allclose(sdpa, expected, atol=1e-6)
 
 
-@pytest.mark.parametrize("importance", ["taylor", "diff_pruning"])
-def test_gradient_importances_run_on_calibration(unet, inputs, importance):
+@pytest.mark.parametrize("importance, options", [("taylor", {"batches": 2}), ("diff_pruning", {"stride": 250})])
+def test_gradient_importances_run_on_calibration(unet, inputs, importance, options):
     calibration = (torch.randn(4, 4, 8, 8), torch.randn(4, 6, 32))
-    pruned = prune_unet(unet, ratio=0.5, importance=importance, calibration=calibration, stride=250)
+    pruned = prune_unet(unet, ratio=0.5, importance=importance, calibration=calibration, **options)
     assert _out(pruned, inputs).shape == (2, 4, 8, 8)
     assert all(p.grad is None for p in pruned.parameters())
     with pytest.raises(UserError, match="needs calibration"):

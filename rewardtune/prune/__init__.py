@@ -6,6 +6,7 @@ lottery-ticket masks, PQ-index analysis, distillation recovery, and save/load of
     print(summarize(pipe.unet, small))   # achieved parameter and MAC ratios
 
 Only ``structured`` and ``blocks`` make dense kernels faster; ``magnitude`` and ``lottery`` zero weights in place.
+Each method and importance is a registry entry declaring its options and needs (:mod:`rewardtune.prune.registry`).
 The names below load on first use (torch is imported then), so ``rewardtune.prune.config`` and ``prune --help``
 stay light.
 """
@@ -16,9 +17,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "prune_unet": "api", "summarize": "api", "method_options": "api", "METHODS": "api",
-    "IMPORTANCES": "importance", "get_record": "common", "masks_of": "masks",
-    "pq_index": "pqindex", "sap_ratio": "pqindex", "sparsity_report": "pqindex",
+    "prune_unet": "api", "summarize": "api", "method_options": "api", "METHODS": "registry",
+    "IMPORTANCES": "registry", "PruneMethod": "registry", "Importance": "registry", "PruneContext": "registry",
+    "get_record": "common", "masks_of": "masks", "pq_index": "pqindex", "sap_ratio": "pqindex",
+    "sparsity_report": "pqindex",
 }
 
 
@@ -34,5 +36,5 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + list(_EXPORTS))
 
 
-__all__ = ["prune_unet", "summarize", "method_options", "METHODS", "IMPORTANCES", "get_record", "pq_index",
-           "sap_ratio", "sparsity_report", "masks_of"]
+__all__ = ["prune_unet", "summarize", "method_options", "METHODS", "IMPORTANCES", "PruneMethod", "Importance",
+           "PruneContext", "get_record", "pq_index", "sap_ratio", "sparsity_report", "masks_of"]

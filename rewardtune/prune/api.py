@@ -1,49 +1,31 @@
-"""The pruning entry points: :func:`prune_unet`, :func:`summarize`, :data:`METHODS` and the options each method
-reads (:func:`method_options`). Imported on first use by :mod:`rewardtune.prune` (it needs torch)."""
+"""The pruning entry points: :func:`prune_unet`, :func:`summarize` and the options a method takes
+(:func:`method_options`). Imported on first use by :mod:`rewardtune.prune` (it needs torch)."""
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
-from rewardtune.prune.blocks import prune_blocks
 from rewardtune.prune.common import (
-    check_ratio, count_macs, count_params, example_inputs as make_example_inputs, get_record,
+    check_ratio,
+    check_unet,
+    count_macs,
+    count_params,
+    get_record,
 )
-from rewardtune.prune.importance import IMPORTANCES
-from rewardtune.prune.masks import masks_of, prune_lottery, prune_magnitude, sparsity
+from rewardtune.prune.common import (
+    example_inputs as make_example_inputs,
+)
+from rewardtune.prune.masks import masks_of, sparsity
 from rewardtune.prune.pqindex import pq_index, sap_ratio, sparsity_report
-from rewardtune.prune.structured import prune_structured
-from rewardtune.registry import Registry
-
-METHODS: Registry[Callable[..., nn.Module]] = Registry("pruning method")
-METHODS.register("structured", prune_structured)
-METHODS.register("blocks", prune_blocks)
-METHODS.register("magnitude", prune_magnitude)
-METHODS.register("lottery", prune_lottery)
-
-
-# Arguments the pipeline supplies itself (tensors, callbacks): not options a config can set.
-INTERNAL = {"unet", "ratio", "importance", "example_inputs", "calibration", "alphas", "train_fn"}
-# Options that ``rewardtune prune`` reads before calling the method.
-RUN_OPTIONS = {"lottery": {"round_steps"}}
-
-
-def _keyword_names(function: Callable) -> set[str]:
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return {p.name for p in inspect.signature(function).parameters.values() if p.kind in kinds} - INTERNAL
+from rewardtune.prune.registry import IMPORTANCES, METHODS, SUPPLIED, PruneContext, option_names, resolve
 
 
 def method_options(method: str, importance: str = "magnitude") -> list[str]:
-    """The option names ``method`` reads (its keyword arguments; ``structured`` adds those of ``importance``'s
-    scorer, ``lottery`` the CLI's ``round_steps``), sorted."""
-    names = _keyword_names(METHODS.get(method)) | RUN_OPTIONS.get(method, set())
-    if method == "structured":
-        names |= _keyword_names(IMPORTANCES.get(importance))
-    return sorted(names)
+    """The option names ``method`` takes (with ``importance``'s when the method ranks channels), sorted."""
+    return option_names(method, importance)
 
 
 def prune_unet(unet: nn.Module, method: str = "structured", ratio: float = 0.5, importance: str = "magnitude",
@@ -52,22 +34,25 @@ def prune_unet(unet: nn.Module, method: str = "structured", ratio: float = 0.5, 
 
     Args:
         unet: a diffusers ``UNet2DConditionModel``.
-        method: ``structured`` (channels), ``blocks`` (BK-SDM), ``magnitude`` (global MP masks) or ``lottery``.
+        method: a name in :data:`METHODS`: ``structured`` (channels), ``blocks`` (BK-SDM), ``magnitude`` (global
+            MP masks) or ``lottery``.
         ratio: fraction to remove, in (0,1): channels for ``structured``, weights for the mask methods; the
             ``blocks`` plan comes from ``options`` (``layers_per_block``, ``mid_block``).
-        importance: channel scoring for ``structured`` (see :data:`IMPORTANCES`).
+        importance: channel scoring of methods that rank channels (see :data:`IMPORTANCES`).
         example_inputs: UNet keyword inputs ``sample [B,C,h,w]``, ``timestep [B]``, ``encoder_hidden_states
             [B,L,D]`` for tracing (default: random, native size).
-        options: method options, e.g. ``calibration=(latents, states)``, ``round_to``, ``rounds``, ``train_fn``,
-            ``min_keep``, ``layers_per_block``, ``mid_block``.
+        options: the method's (and importance's) options, checked against their dataclasses, e.g. ``round_to``,
+            ``rounds``, ``min_keep``, ``layers_per_block``, ``mid_block``; and what a caller supplies:
+            ``calibration=(latents [N,C,h,w], states [N,L,D])``, ``alphas [T]``, ``train_fn(model, masks)``.
     """
-    prune = METHODS.get(method)
-    check_ratio(ratio)
-    if method == "structured":
-        options["importance"] = importance
-    elif importance != "magnitude":
-        IMPORTANCES.get(importance)  # an unknown name is still an error
-    return prune(unet, ratio=ratio, example_inputs=example_inputs, **options)
+    supplied = {key: options.pop(key) for key in SUPPLIED if key in options}
+    choice = resolve(method, importance, options)
+    check_unet(unet)
+    ratio = check_ratio(ratio)
+    context = PruneContext(example_inputs=example_inputs, importance=importance,
+                           importance_options=choice.importance_options, **supplied)
+    choice.check(unet, ratio, context)
+    return choice.method.function(unet, ratio, choice.options, context)
 
 
 def summarize(original: nn.Module, pruned: nn.Module, inputs: dict[str, torch.Tensor] | None = None

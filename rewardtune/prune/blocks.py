@@ -10,11 +10,16 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torch import nn
 
 from rewardtune.errors import UserError
-from rewardtune.prune.common import check_unet, get_record, merged_record, public_config, set_record
+from rewardtune.prune.common import get_record, merged_record, public_config, set_record
+
+if TYPE_CHECKING:
+    from rewardtune.prune.registry import PruneContext
 
 logger = logging.getLogger(__name__)
 
@@ -57,18 +62,26 @@ def teacher_key(key: str, up_teacher: list[int], up_student: list[int]) -> str:
     return key
 
 
-def prune_blocks(unet: nn.Module, ratio: float | None = None, example_inputs=None, *,
-                 layers_per_block: int | list[int] | None = None, mid_block: bool = False, **_) -> nn.Module:
-    """A new, smaller UNet from a BK-SDM plan. ``ratio`` is not used (the plan is given by the options).
+@dataclass
+class BlocksOptions:
+    """Options of ``blocks``: the BK-SDM plan (defaults give BK-SDM-Small)."""
 
-    Defaults give BK-SDM-Small: one layer fewer per stage where a stage has more than one, and no mid block.
-    """
-    check_unet(unet)
-    old = get_record(unet) or {}
-    if old.get("modules"):
+    layers_per_block: int | list[int] | None = field(default=None, metadata={
+        "help": "residual+attention pairs per down stage (one value or one per stage); default: one fewer where > 1"})
+    mid_block: bool = field(default=False, metadata={"help": "keep the mid block (BK-SDM-Base) or remove it (Small)"})
+
+
+def check_blocks_plan(unet: nn.Module, ratio: float, options: BlocksOptions) -> None:
+    """Refuse a plan that removes nothing or a whole stage, and block removal after channel pruning."""
+    if (get_record(unet) or {}).get("modules"):
         raise UserError("block removal must come before structured pruning (this UNet's channels are pruned)")
+    blocks_config(public_config(unet.config), options.layers_per_block, options.mid_block)
+
+
+def prune_blocks(unet: nn.Module, ratio: float, options: BlocksOptions, context: PruneContext) -> nn.Module:
+    """A new, smaller UNet from the BK-SDM plan in ``options`` (``ratio`` is not used)."""
     config = public_config(unet.config)
-    new_config = blocks_config(config, layers_per_block, mid_block)
+    new_config = blocks_config(config, options.layers_per_block, options.mid_block)
     student = type(unet).from_config(new_config)
     if (unet.device, unet.dtype) != (student.device, student.dtype):
         student = student.to(device=unet.device, dtype=unet.dtype)
@@ -82,8 +95,8 @@ def prune_blocks(unet: nn.Module, ratio: float | None = None, example_inputs=Non
                                             "mid_block": new_config.get("mid_block_type") is not None})
     set_record(student, record)
     logger.info("block removal: layers_per_block %s -> %s, mid block %s", config["layers_per_block"],
-                new_config["layers_per_block"], "kept" if mid_block else "removed")
+                new_config["layers_per_block"], "kept" if options.mid_block else "removed")
     return student
 
 
-__all__ = ["prune_blocks", "blocks_config", "teacher_key"]
+__all__ = ["prune_blocks", "BlocksOptions", "check_blocks_plan", "blocks_config", "teacher_key"]

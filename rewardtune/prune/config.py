@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rewardtune.config import PATH, require
-from rewardtune.errors import ConfigError
 
 PROMPTS = Path(__file__).resolve().parents[1] / "assets" / "prompts"
 
@@ -65,8 +64,9 @@ class PruneConfig:
     importance: str = field(default="magnitude", metadata=_help(
         "channel scores of structured: magnitude, taylor or diff_pruning"))
     options: dict[str, Any] = field(default_factory=dict, metadata=_help(
-        "method options, e.g. {mid_block: false}; an unknown name lists the valid ones"))
-    calibration_samples: int = field(default=16, metadata=_help("latents for the taylor/diff_pruning scores"))
+        "method (and importance) options, e.g. {mid_block: false}; an unknown name lists the valid ones"))
+    calibration_samples: int = field(default=16, metadata=_help(
+        "latents for importances that need calibration (taylor, diff_pruning)"))
     prompts_file: str = field(default=str(PROMPTS / "shapes_large.txt"), metadata=PATH | _help(
         "prompts of the teacher samples (recover.data=teacher)"))
     sample_steps: int = field(default=20, metadata=_help("DDIM steps of the teacher samples"))
@@ -79,19 +79,26 @@ class PruneConfig:
     device: str = field(default="cpu", metadata=_help("cpu, cuda, cuda:1, mps ..."))
 
     def __post_init__(self) -> None:
-        from rewardtune.prune import IMPORTANCES, METHODS
+        from rewardtune.prune.registry import IMPORTANCES, METHODS
 
         require(self.method in METHODS, "method", "one of " + ", ".join(METHODS.names()), self.method)
         require(self.importance in IMPORTANCES, "importance", "one of " + ", ".join(IMPORTANCES.names()),
                 self.importance)
         require(0 < self.ratio < 1, "ratio", "strictly between 0 and 1 (the fraction to remove)", self.ratio)
         require(self.calibration_samples >= 1, "calibration_samples", "at least 1", self.calibration_samples)
-        check_options(self.method, self.importance, self.options)
+        self.options = self.choice().given(self.options)  # typed values of the keys given
+
+    def choice(self):
+        """The method and importance entries with their typed options (a ``PruneChoice``)."""
+        from rewardtune.prune.registry import resolve
+
+        return resolve(self.method, self.importance, self.options)
 
     @property
     def needs_data(self) -> bool:
-        """Whether the run samples distillation/calibration data (recovery, gradient scores, lottery rounds)."""
-        return self.recover.steps > 0 or self.importance != "magnitude" or self.method == "lottery"
+        """Whether the run samples distillation/calibration data (recovery, calibration, training methods)."""
+        choice = self.choice()
+        return self.recover.steps > 0 or choice.needs_calibration or choice.method.needs_training
 
     @property
     def reads_prompts(self) -> bool:
@@ -100,15 +107,11 @@ class PruneConfig:
 
 
 def check_options(method: str, importance: str, options: dict[str, Any]) -> None:
-    """Refuse an option ``method`` does not read, listing the ones it does."""
-    from rewardtune.prune import method_options
+    """Refuse an option the method (or its importance) does not take or a value of the wrong type: one line naming
+    ``options.KEY`` (see :func:`rewardtune.prune.registry.resolve`)."""
+    from rewardtune.prune.registry import resolve
 
-    valid = method_options(method, importance)
-    unknown = sorted(set(options) - set(valid))
-    if unknown:
-        which = f"method {method!r}" + (f" with importance {importance!r}" if method == "structured" else "")
-        raise ConfigError(f"config key 'options.{unknown[0]}' is not an option of {which}; valid options: "
-                          f"{', '.join(valid) or 'none'}")
+    resolve(method, importance, options)
 
 
 __all__ = ["PruneConfig", "RecoverConfig", "EvalConfig", "check_options", "PROMPTS"]

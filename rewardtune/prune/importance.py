@@ -1,4 +1,4 @@
-"""Channel importances for structured pruning (a registry; an unknown name lists the valid ones).
+"""Channel importances for structured pruning (registered in :mod:`rewardtune.prune.registry`).
 
 * ``magnitude``: L2 norm of each channel's weights across its dependency group (torch-pruning
   ``GroupMagnitudeImportance``); needs no data.
@@ -14,17 +14,18 @@ the unpruned model, so no dataset is needed.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-from rewardtune.errors import UserError
-from rewardtune.registry import Registry
+from rewardtune.config import require
+
+if TYPE_CHECKING:
+    from rewardtune.prune.registry import PruneContext
 
 logger = logging.getLogger(__name__)
-
-IMPORTANCES: Registry[Callable] = Registry("pruning importance")
 
 
 def default_alphas_cumprod() -> torch.Tensor:
@@ -42,63 +43,80 @@ def eps_loss(unet, x0: torch.Tensor, states: torch.Tensor, t: torch.Tensor, alph
     return F.mse_loss(unet(noisy, t, encoder_hidden_states=states).sample.float(), noise.float())
 
 
-def _need_calibration(name: str, calibration) -> tuple[torch.Tensor, torch.Tensor]:
-    if calibration is None:
-        raise UserError(f"importance {name!r} needs calibration=(latents [N,C,h,w], states [N,L,D]); use "
-                        "importance=magnitude to prune without data")
-    latents, states = calibration
-    if latents.shape[0] != states.shape[0]:
-        raise UserError(f"calibration latents and states differ in batch size: {latents.shape[0]} vs "
-                        f"{states.shape[0]}")
-    return latents, states
+def _seed_field():
+    return field(default=0, metadata={"help": "seed of the noise and timesteps of the calibration losses"})
 
 
-@IMPORTANCES.register("magnitude")
-def magnitude_importance(unet, calibration=None, **options):
+@dataclass
+class TaylorOptions:
+    """Options of the ``taylor`` importance."""
+
+    batches: int = field(default=4, metadata={"help": "calibration batches whose gradients add up"})
+    seed: int = _seed_field()
+
+    def __post_init__(self) -> None:
+        require(self.batches >= 1, "batches", "at least 1", self.batches)
+
+
+@dataclass
+class DiffPruningOptions:
+    """Options of the ``diff_pruning`` importance."""
+
+    thr: float = field(default=0.05, metadata={"help": "stop once L_t < thr * max L (fraction of the largest loss)"})
+    stride: int = field(default=1, metadata={"help": "timestep stride from the clean end: t = 0, stride, ..."})
+    seed: int = _seed_field()
+
+    def __post_init__(self) -> None:
+        require(self.stride >= 1, "stride", "at least 1", self.stride)
+
+
+def _alphas(context: PruneContext) -> torch.Tensor:
+    return default_alphas_cumprod() if context.alphas is None else context.alphas
+
+
+def magnitude_importance(unet, options, context: PruneContext):
+    """L2 norm of each channel's weights across its dependency group (no data)."""
     import torch_pruning as tp
 
     return tp.importance.GroupMagnitudeImportance(p=2)
 
 
-@IMPORTANCES.register("taylor")
-def taylor_importance(unet, calibration=None, batches: int = 4, alphas: torch.Tensor | None = None, seed: int = 0,
-                      **options):
-    """Accumulate ``dL/dw`` over ``batches`` random-timestep batches of the calibration data."""
+def taylor_importance(unet, options: TaylorOptions, context: PruneContext):
+    """Accumulate ``dL/dw`` over ``options.batches`` random-timestep batches of ``context.calibration``."""
     import torch_pruning as tp
 
-    latents, states = _need_calibration("taylor", calibration)
-    alphas = default_alphas_cumprod() if alphas is None else alphas
-    g = torch.Generator().manual_seed(seed)
+    latents, states = context.calibration
+    alphas = _alphas(context)
+    g = torch.Generator().manual_seed(options.seed)
     unet.zero_grad(set_to_none=True)
     with torch.enable_grad():
-        for chunk_x, chunk_c in zip(latents.chunk(batches), states.chunk(batches)):
+        for chunk_x, chunk_c in zip(latents.chunk(options.batches), states.chunk(options.batches)):
             t = torch.randint(0, len(alphas), (chunk_x.shape[0],), generator=g).to(chunk_x.device)
             eps_loss(unet, chunk_x, chunk_c, t, alphas, g).backward()
     return tp.importance.GroupTaylorImportance(multivariable=True)
 
 
-@IMPORTANCES.register("diff_pruning")
-def diff_pruning_importance(unet, calibration=None, thr: float = 0.05, stride: int = 1,
-                            alphas: torch.Tensor | None = None, seed: int = 0, **options):
+def diff_pruning_importance(unet, options: DiffPruningOptions, context: PruneContext):
     """Diff-Pruning's loop: ``t = 0, stride, ...``; gradients add up (never zeroed); stop at ``L_t < thr*max``."""
     import torch_pruning as tp
 
-    latents, states = _need_calibration("diff_pruning", calibration)
-    alphas = default_alphas_cumprod() if alphas is None else alphas
-    g = torch.Generator().manual_seed(seed)
+    latents, states = context.calibration
+    alphas = _alphas(context)
+    g = torch.Generator().manual_seed(options.seed)
     unet.zero_grad(set_to_none=True)
     loss_max, used = 0.0, 0
     with torch.enable_grad():
-        for step in range(0, len(alphas), max(1, int(stride))):
+        for step in range(0, len(alphas), options.stride):
             t = torch.full((latents.shape[0],), step, dtype=torch.long, device=latents.device)
             loss = eps_loss(unet, latents, states, t, alphas, g)
             loss.backward()
             used += 1
             loss_max = max(loss_max, loss.item())
-            if loss.item() < loss_max * thr:
+            if loss.item() < loss_max * options.thr:
                 break
-    logger.info("diff_pruning: accumulated gradients over %d timesteps (thr %.3f)", used, thr)
+    logger.info("diff_pruning: accumulated gradients over %d timesteps (thr %.3f)", used, options.thr)
     return tp.importance.GroupTaylorImportance(multivariable=False)
 
 
-__all__ = ["IMPORTANCES", "eps_loss", "default_alphas_cumprod"]
+__all__ = ["eps_loss", "default_alphas_cumprod", "magnitude_importance", "taylor_importance",
+           "diff_pruning_importance", "TaylorOptions", "DiffPruningOptions"]

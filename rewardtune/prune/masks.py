@@ -10,12 +10,17 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from rewardtune.prune.common import check_ratio, check_unet, get_record, merged_record, set_record
+from rewardtune.config import require
+from rewardtune.prune.common import get_record, merged_record, set_record
+
+if TYPE_CHECKING:
+    from rewardtune.prune.registry import PruneContext
 
 logger = logging.getLogger(__name__)
 
@@ -82,32 +87,52 @@ def _finish(model: nn.Module, unet: nn.Module, masks: Masks, method: str, option
     return model
 
 
-def prune_magnitude(unet: nn.Module, ratio: float = 0.5, example_inputs=None, *, min_keep: float = 0.0005,
-                    **_) -> nn.Module:
+def _min_keep_field():
+    return field(default=0.0005, metadata={"help": "fraction of all weights that every layer keeps at least"})
+
+
+@dataclass
+class MagnitudeOptions:
+    """Options of ``magnitude`` (one-shot global magnitude masks)."""
+
+    min_keep: float = _min_keep_field()
+
+    def __post_init__(self) -> None:
+        require(0 <= self.min_keep < 1, "min_keep", "in [0, 1)", self.min_keep)
+
+
+@dataclass
+class LotteryOptions:
+    """Options of ``lottery`` (iterative magnitude pruning with rewinding)."""
+
+    rounds: int = field(default=3, metadata={"help": "prune-and-rewind rounds, each after a train_fn call"})
+    min_keep: float = _min_keep_field()
+    round_steps: int | None = field(default=None, metadata={
+        "help": "distillation steps before each round in rewardtune prune (default: recover.steps // 2)"})
+
+    def __post_init__(self) -> None:
+        require(self.rounds >= 1, "rounds", "at least 1", self.rounds)
+        require(0 <= self.min_keep < 1, "min_keep", "in [0, 1)", self.min_keep)
+        require(self.round_steps is None or self.round_steps >= 1, "round_steps", "at least 1 or null",
+                self.round_steps)
+
+
+def prune_magnitude(unet: nn.Module, ratio: float, options: MagnitudeOptions, context: PruneContext) -> nn.Module:
     """A copy of ``unet`` with the ``ratio`` smallest-magnitude Conv/Linear weights zeroed (one-shot Global MP)."""
-    check_unet(unet)
-    ratio = check_ratio(ratio)
     model = copy.deepcopy(unet)
-    masks = global_magnitude_masks(prunable_weights(model), ratio, min_keep)
-    return _finish(model, unet, masks, "magnitude", {"ratio": ratio, "min_keep": min_keep})
+    masks = global_magnitude_masks(prunable_weights(model), ratio, options.min_keep)
+    return _finish(model, unet, masks, "magnitude", {"ratio": ratio, "min_keep": options.min_keep})
 
 
-def prune_lottery(unet: nn.Module, ratio: float = 0.8, example_inputs=None, *, rounds: int = 3,
-                  train_fn: Callable[[nn.Module, Masks], None] | None = None, min_keep: float = 0.0005,
-                  **_) -> nn.Module:
+def prune_lottery(unet: nn.Module, ratio: float, options: LotteryOptions, context: PruneContext) -> nn.Module:
     """Iterative magnitude pruning with rewinding (Frankle & Carbin 2019).
 
-    Each of ``rounds`` rounds: ``train_fn(model, masks)`` trains the masked model (keeping masked weights at zero),
-    then ``p = 1 - (1 - ratio)^(1/rounds)`` of the *surviving* weights are pruned globally by ``|w|`` and the
-    survivors rewind to ``unet``'s weights (the rewind point). Final density ``(1 - p)^rounds = 1 - ratio``.
+    Each of ``rounds`` rounds: ``context.train_fn(model, masks)`` trains the masked model (keeping masked weights
+    at zero), then ``p = 1 - (1 - ratio)^(1/rounds)`` of the *surviving* weights are pruned globally by ``|w|`` and
+    the survivors rewind to ``unet``'s weights (the rewind point). Final density ``(1 - p)^rounds = 1 - ratio``.
     Without ``train_fn`` this reduces to iterative Global MP on the rewind weights.
     """
-    check_unet(unet)
-    ratio = check_ratio(ratio)
-    if int(rounds) < 1:
-        from rewardtune.errors import UserError
-
-        raise UserError(f"rounds must be at least 1, got {rounds!r}")
+    rounds, train_fn = options.rounds, context.train_fn
     per_round = 1 - (1 - ratio) ** (1 / rounds)
     rewind = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     model = copy.deepcopy(unet)
@@ -115,12 +140,12 @@ def prune_lottery(unet: nn.Module, ratio: float = 0.8, example_inputs=None, *, r
     for level in range(rounds):
         if train_fn is not None:
             train_fn(model, masks or {})
-        masks = global_magnitude_masks(prunable_weights(model), per_round, min_keep, masks)
+        masks = global_magnitude_masks(prunable_weights(model), per_round, options.min_keep, masks)
         model.load_state_dict(rewind)
         apply_masks(model, masks)
         logger.info("lottery round %d/%d: sparsity %.3f", level + 1, rounds, sparsity(masks))
-    return _finish(model, unet, masks, "lottery", {"ratio": ratio, "rounds": rounds, "min_keep": min_keep})
+    return _finish(model, unet, masks, "lottery", {"ratio": ratio, "rounds": rounds, "min_keep": options.min_keep})
 
 
 __all__ = ["global_magnitude_masks", "apply_masks", "masks_of", "sparsity", "prune_magnitude", "prune_lottery",
-           "prunable_weights"]
+           "MagnitudeOptions", "LotteryOptions", "prunable_weights"]

@@ -25,17 +25,11 @@ OUTPUT_NAMES = {"pipeline", "report.json", "distill_log.jsonl", "config.yaml"}
 
 
 def check_plan_early(unet, cfg: PruneConfig) -> None:
-    """Refuse an impossible plan before minutes of sampling and training are spent."""
-    from rewardtune.prune.blocks import blocks_config
-    from rewardtune.prune.common import check_unet, public_config
-    from rewardtune.prune.structured import check_plan
+    """Refuse an impossible plan (the method's own check) before minutes of sampling and training are spent."""
+    from rewardtune.prune.common import check_unet
 
     check_unet(unet)
-    if cfg.method == "structured":
-        check_plan(unet, cfg.ratio, set(cfg.options.get("ignored", ("conv_out",))))
-    elif cfg.method == "blocks":
-        blocks_config(public_config(unet.config), cfg.options.get("layers_per_block"),
-                      bool(cfg.options.get("mid_block", False)))
+    cfg.choice().check(unet, cfg.ratio)
 
 
 def _distill_data(pipe, cfg: PruneConfig, prompts: list[str] | None):
@@ -69,19 +63,21 @@ def _recover(student, teacher, data, cfg: PruneConfig, steps: int, masks=None, d
 
 
 def prune_pipeline_unet(pipe, cfg: PruneConfig, data) -> torch.nn.Module:
-    """Run the configured method on ``pipe.unet`` (calibration and lottery training use ``data``)."""
+    """Run the configured method on ``pipe.unet``, supplying what its entries declare they need from ``data``:
+    calibration latents, and a distillation ``train_fn`` for methods that train between pruning steps."""
     from rewardtune.prune import prune_unet
 
-    options = dict(cfg.options)
-    alphas = pipe.scheduler.alphas_cumprod.float()
-    if cfg.importance in ("taylor", "diff_pruning"):
+    choice, supplied = cfg.choice(), {}
+    if choice.needs_calibration:
         k = cfg.calibration_samples
-        options.update(calibration=(data.latents[:k], data.states[:k]), alphas=alphas)
-    if cfg.method == "lottery" and data is not None:
-        round_steps = int(options.pop("round_steps", max(1, cfg.recover.steps // 2)))
-        options["train_fn"] = lambda model, masks: _recover(model, pipe.unet, data, cfg, round_steps, masks,
-                                                            desc="lottery round")
-    return prune_unet(pipe.unet, method=cfg.method, ratio=cfg.ratio, importance=cfg.importance, **options)
+        supplied.update(calibration=(data.latents[:k], data.states[:k]),
+                        alphas=pipe.scheduler.alphas_cumprod.float())
+    if choice.method.needs_training:
+        steps = choice.method.train_steps(choice.options) or max(1, cfg.recover.steps // 2)
+        supplied["train_fn"] = lambda model, masks: _recover(model, pipe.unet, data, cfg, steps, masks,
+                                                             desc="training round")
+    return prune_unet(pipe.unet, method=cfg.method, ratio=cfg.ratio, importance=cfg.importance, **cfg.options,
+                      **supplied)
 
 
 def _evaluate(pipe, unet, cfg: PruneConfig, scorer, reference) -> dict[str, float]:
@@ -147,7 +143,8 @@ def _prune_and_recover(pipe, cfg: PruneConfig, prompts: list[str] | None, stage)
 
     data = _distill_data(pipe, cfg, prompts) if cfg.needs_data else None
     pruned = prune_pipeline_unet(pipe, cfg, data)
-    report: dict[str, Any] = {"method": cfg.method, "ratio": cfg.ratio, **summarize(pipe.unet, pruned)}
+    report: dict[str, Any] = {"method": cfg.method, "ratio": cfg.ratio, **summarize(pipe.unet, pruned),
+                              "speeds_up_sampling": cfg.choice().method.speeds_up_sampling}
     report["pq_index"], report["sap_ratio"] = _sap(pipe.unet)
     scorer, reference = _reference(pipe, cfg)
     if reference is not None:
@@ -199,7 +196,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"PQ index of the unpruned weights {summary['pq_index']:.4f}: SAP suggests pruning "
                  f"{summary['sap_ratio']:.3f} of the weights")
     if "sparsity" in summary:
-        lines.append(f"weight sparsity {summary['sparsity']:.3f} (masks: dense kernels gain no speed)")
+        lines.append(f"weight sparsity {summary['sparsity']:.3f}")
+    if not summary.get("speeds_up_sampling", True):
+        lines.append(f"method {summary['method']} does not make sampling faster (dense kernels do the same work)")
     for key in ("quality_original", "quality_pruned", "quality_recovered"):
         if key in summary:
             lines.append(f"{key.split('_')[1]:>9}: " + ", ".join(f"{k}={v:.4f}" for k, v in summary[key].items()))

@@ -17,16 +17,26 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from rewardtune.config import require
 from rewardtune.errors import UserError
 from rewardtune.prune.common import (
-    attribute_changes, check_ratio, check_unet, example_inputs as make_inputs, merged_record, set_record,
+    attribute_changes,
+    merged_record,
+    set_record,
     unet_forward,
 )
-from rewardtune.prune.importance import IMPORTANCES
+from rewardtune.prune.common import (
+    example_inputs as make_inputs,
+)
+
+if TYPE_CHECKING:
+    from rewardtune.prune.registry import PruneContext
 
 logger = logging.getLogger(__name__)
 
@@ -85,50 +95,58 @@ def fix_after_pruning(unet: nn.Module, old_head_dims: dict[str, int]) -> None:
             attn.scale = new_dim ** -0.5
 
 
-def prune_structured(unet: nn.Module, ratio: float = 0.5, importance: str = "magnitude",
-                     example_inputs: dict[str, torch.Tensor] | None = None, *, calibration=None,
-                     ignored: tuple[str, ...] = ("conv_out",), round_to: int | None = None,
-                     global_pruning: bool = False, **importance_options) -> nn.Module:
-    """A new UNet with ``ratio`` of the channels of every width group removed (smaller tensors, same I/O shapes).
+@dataclass
+class StructuredOptions:
+    """Options of ``structured`` (the importance's options join these)."""
 
-    Args:
-        unet: a diffusers ``UNet2DConditionModel`` (left untouched).
-        ratio: channel ratio in (0,1); parameters shrink by about ``1-(1-ratio)^2`` (see GroupNorm rounding).
-        importance: a name in :data:`IMPORTANCES` (``magnitude``, ``taylor``, ``diff_pruning``).
-        example_inputs: UNet keyword inputs for tracing (default: random ``[1,C,h,w]`` at the native size).
-        calibration: ``(latents [N,C,h,w], states [N,L,D])`` for the gradient-based importances.
-        ignored: module names never pruned (``conv_out`` keeps the output channels).
+    ignored: tuple[str, ...] = field(default=("conv_out",), metadata={
+        "help": "module names never pruned (conv_out keeps the output channels)"})
+    round_to: int | None = field(default=None, metadata={"help": "kept channel counts round to a multiple of this"})
+    global_pruning: bool = field(default=False, metadata={"help": "rank channels across layers, not per layer"})
+
+    def __post_init__(self) -> None:
+        require(self.round_to is None or self.round_to >= 1, "round_to", "at least 1 or null", self.round_to)
+
+
+def check_structured_plan(unet: nn.Module, ratio: float, options: StructuredOptions) -> None:
+    """Refuse an ``ignored`` name that is no module and a ratio that empties a group, head or layer."""
+    names = dict(unet.named_modules())
+    unknown = [n for n in options.ignored if n not in names]
+    if unknown:
+        raise UserError(f"ignored layer {unknown[0]!r} is not a module of this UNet (e.g. conv_out, conv_in)")
+    check_plan(unet, ratio, set(options.ignored))
+
+
+def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, context: PruneContext) -> nn.Module:
+    """A new UNet with ``ratio`` of the channels of every width group removed (smaller tensors, same I/O shapes);
+    channels are ranked by ``context.scorer`` (the chosen importance). Parameters shrink by about
+    ``1-(1-ratio)^2`` (see GroupNorm rounding); ``context.example_inputs`` are traced (default: random, native size).
     """
     import torch_pruning as tp
 
-    check_unet(unet)
-    ratio = check_ratio(ratio)
-    scorer_factory = IMPORTANCES.get(importance)
-    names = dict(unet.named_modules())
-    unknown = [n for n in ignored if n not in names]
-    if unknown:
-        raise UserError(f"ignored layer {unknown[0]!r} is not a module of this UNet (e.g. conv_out, conv_in)")
-    check_plan(unet, ratio, set(ignored))
     model = copy.deepcopy(unet).eval()
     model.requires_grad_(True)
-    inputs = example_inputs if example_inputs is not None else make_inputs(model)
+    inputs = context.example_inputs if context.example_inputs is not None else make_inputs(model)
     old_head_dims = {n: a.to_q.out_features // a.heads for n, a in _attention_modules(model)}
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(
             model, inputs, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio,
-            ignored_layers=[model.get_submodule(n) for n in ignored], num_heads=head_counts(model),
-            round_to=round_to, global_pruning=global_pruning, forward_fn=unet_forward)
-        pruner.importance = scorer_factory(model, calibration=calibration, **importance_options)
+            ignored_layers=[model.get_submodule(n) for n in options.ignored], num_heads=head_counts(model),
+            round_to=options.round_to, global_pruning=options.global_pruning, forward_fn=unet_forward)
+        pruner.importance = context.scorer(model)
         pruner.step()
     model.zero_grad(set_to_none=True)
     fix_after_pruning(model, old_head_dims)
-    record = merged_record(unet, "structured", {"ratio": ratio, "importance": importance, "round_to": round_to,
-                                                 "global_pruning": global_pruning, "ignored": list(ignored)})
+    record = merged_record(unet, "structured", {"ratio": ratio, "importance": context.importance,
+                                                 "round_to": options.round_to,
+                                                 "global_pruning": options.global_pruning,
+                                                 "ignored": list(options.ignored)})
     record["modules"] = attribute_changes(model)
     set_record(model, record)
-    logger.info("structured pruning (ratio %.2f, %s): %d groups pruned", ratio, importance,
+    logger.info("structured pruning (ratio %.2f, %s): %d groups pruned", ratio, context.importance,
                 len(pruner.pruning_history()))
     return model
 
 
-__all__ = ["prune_structured", "check_plan", "head_counts", "fix_after_pruning"]
+__all__ = ["prune_structured", "StructuredOptions", "check_structured_plan", "check_plan", "head_counts",
+           "fix_after_pruning"]

@@ -26,9 +26,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rewardtune.diffusion.sampling import forward_noise
+from rewardtune.shapes import tiny_models
 from rewardtune.shapes.captions import make_prompt_set, small_prompt_set
 from rewardtune.shapes.data import ShapesData, caption_match_matrix
-from rewardtune.shapes import tiny_models
 from rewardtune.utils.plots import plot_curves
 
 log = logging.getLogger("train_shapes_tiny")
@@ -169,8 +170,7 @@ def train_unet(work: Path, steps: int, batch: int, seed: int) -> None:
                 states = text_encoder(ids).last_hidden_state
             noise = torch.randn_like(latents)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
-            a = alphas[t].view(-1, 1, 1, 1)
-            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+            noisy = forward_noise(latents, noise, t, alphas)
             loss = F.mse_loss(unet(noisy, t, encoder_hidden_states=states).sample, noise)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -60,6 +60,14 @@ def latent_shape(pipe, batch: int, height: int | None = None, width: int | None 
     return (batch, pipe.unet.config.in_channels, height // factor, width // factor)
 
 
+def forward_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
+                  alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """``x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps`` (DDPM's forward process, what a scheduler's ``add_noise`` does)
+    for ``x0, noise [B,C,h,w]`` at timesteps ``t [B]`` of the cumulative-alpha table ``alphas_cumprod [T]``."""
+    a = alphas_cumprod.to(x0.device)[t.to(x0.device)].view(-1, *([1] * (x0.ndim - 1))).to(x0.dtype)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
 def predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
                   negative_embeds: torch.Tensor | None, guidance: float) -> torch.Tensor:
     """UNet output with classifier-free guidance in one batched pass. ``latents [B,C,h,w]`` -> ``[B,C,h,w]``."""

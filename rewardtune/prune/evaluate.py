@@ -25,11 +25,13 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0,
                   batch_size: int = 64) -> torch.Tensor:
-    """Images ``[N,3,H,W]`` in [0,1] through rewardtune's one sampler (DDIM, eta 0)."""
-    from rewardtune.sample import SampleConfig, generate_images
+    """Images ``[N,3,H,W]`` in [0,1] of ``prompts[i]`` from ``seeds[i]`` through the sampling service (DDIM,
+    eta 0)."""
+    from rewardtune.diffusion.generate import generate
+    from rewardtune.diffusion.settings import SamplerSettings
 
-    cfg = SampleConfig(prompts=prompts, steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)
-    return generate_images(pipe, prompts, seeds, cfg)
+    settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)
+    return generate(pipe, prompts, seeds, settings).images
 
 
 class ShapesQuality:

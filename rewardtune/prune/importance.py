@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from rewardtune.config import require
+from rewardtune.diffusion.sampling import forward_noise
 
 if TYPE_CHECKING:
     from rewardtune.prune.registry import PruneContext
@@ -38,8 +39,7 @@ def eps_loss(unet, x0: torch.Tensor, states: torch.Tensor, t: torch.Tensor, alph
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Epsilon-prediction MSE of ``unet`` on ``x0 [B,C,h,w]`` noised to timesteps ``t [B]`` (DDPM Eq. 14)."""
     noise = torch.randn(x0.shape, generator=generator).to(x0)
-    a = alphas.to(x0.device)[t].view(-1, 1, 1, 1).to(x0.dtype)
-    noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    noisy = forward_noise(x0, noise, t, alphas)
     return F.mse_loss(unet(noisy, t, encoder_hidden_states=states).sample.float(), noise.float())
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rewardtune.diffusion.sampling import forward_noise
+
 logger = logging.getLogger(__name__)
 
 
@@ -128,8 +130,7 @@ def _batch(data: DistillData, rng: torch.Generator, size: int, drop: float, alph
     states[dropped] = data.empty.to(states)
     t = torch.randint(0, len(alphas), (size,), generator=rng)
     noise = torch.randn(x0.shape, generator=rng)
-    a = alphas[t].view(-1, 1, 1, 1)
-    return (a.sqrt() * x0 + (1 - a).sqrt() * noise), t, states, noise
+    return forward_noise(x0, noise, t, alphas), t, states, noise
 
 
 def distill(student: nn.Module, teacher: nn.Module, data: DistillData, steps: int = 300, batch_size: int = 32,

@@ -7,9 +7,9 @@ from typing import Literal
 import pytest
 import yaml
 
+from rewardtune.commands import load_preset
 from rewardtune.config import from_dict, load_config, parse_overrides, require, save_config
 from rewardtune.errors import ConfigError
-from rewardtune.presets import load_preset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

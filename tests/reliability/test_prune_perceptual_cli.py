@@ -199,7 +199,7 @@ def test_demos_refuse_a_non_empty_folder(tmp_path, capsys):
 
 
 def test_demo_task_names_match_the_library():
-    from rewardtune.perceptual.cli import DEMO_TASKS
+    from rewardtune.commands.perceptual import DEMO_TASKS
     from rewardtune.perceptual.demos import DEMO_TASKS as LIBRARY_TASKS
 
     assert tuple(DEMO_TASKS) == LIBRARY_TASKS
@@ -292,7 +292,8 @@ def test_help_and_models_import_no_torch():
 def test_models_table_matches_the_registries(capsys):
     from rewardtune.diffusion.loading import MODELS
     from rewardtune.models_table import PIPELINES, REWARD_FACTORIES, reward_names
-    from rewardtune.rewards import PATH_REWARDS, REWARDS, reward_names as registry_reward_names
+    from rewardtune.rewards import PATH_REWARDS, REWARDS
+    from rewardtune.rewards import reward_names as registry_reward_names
 
     assert PIPELINES == {name: MODELS.get(name) for name in MODELS.names()}
     assert REWARD_FACTORIES == {name: REWARDS.get(name) for name in REWARDS.names()}

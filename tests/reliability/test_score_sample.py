@@ -48,7 +48,7 @@ def _forbid(monkeypatch, module: str, name: str) -> None:
 # 1. streaming ---------------------------------------------------------------------------------------------------
 
 def test_score_decodes_a_bounded_window_and_keeps_file_order(tmp_path, monkeypatch):
-    from rewardtune import score
+    from rewardtune.commands import score
 
     paths = _noise_pngs(tmp_path / "imgs", [8, 8, 8, 12, 8, 8, 8, 8, 12, 12])
     live, peak, real_load = [0], [0], score.load_image
@@ -70,7 +70,7 @@ def test_score_decodes_a_bounded_window_and_keeps_file_order(tmp_path, monkeypat
 
 
 def test_score_writes_rows_incrementally_and_never_a_half_file(tmp_path, monkeypatch):
-    from rewardtune import score
+    from rewardtune.commands import score
 
     _noise_pngs(tmp_path / "imgs", [8] * 6)
     out = tmp_path / "scores.csv"

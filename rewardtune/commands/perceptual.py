@@ -1,14 +1,16 @@
-"""``rewardtune perceptual demos|learn|score``: write demo videos, learn a perceptual reward from them, and score a
-video with it."""
+"""``rewardtune perceptual demos|learn|score``: write demo videos, learn a perceptual reward from them (Sermanet et
+al. 2017), and score a video with it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from rewardtune.cli import positive_int
+from rewardtune.commands.common import finite_float, positive_int
 from rewardtune.errors import UserError
-from rewardtune.outputs import check_writable_file
+
+DESCRIPTION = ("Perceptual rewards: split demo videos into steps without labels, select discriminative features per "
+               "step, and score frames by how far a task has progressed.")
 
 # rewardtune.perceptual.demos.DEMO_TASKS, spelled out so that --help imports nothing heavy (a test keeps them equal)
 DEMO_TASKS = {"door": "reach a door handle, turn it, swing the door open (3 phases)",
@@ -32,15 +34,11 @@ def parse_options(items: list[str] | None) -> dict[str, Any]:
     return options
 
 
-def add_parser(subparsers) -> None:
-    """Register ``perceptual`` with its ``demos``, ``learn`` and ``score`` subcommands on the top-level parser."""
+def add_arguments(parser) -> None:
+    """The ``demos``, ``learn`` and ``score`` actions (:data:`ACTIONS` runs them)."""
     from rewardtune.perceptual.constants import COMBINES, DEFAULT_OBJECTIVE, OBJECTIVES
 
-    p = subparsers.add_parser("perceptual", help="learn rewards from demo videos (Sermanet et al. 2017)",
-                              description="Perceptual rewards: split demo videos into steps without labels, select "
-                                          "discriminative features per step, and score frames by how far a task "
-                                          "has progressed.")
-    sub = p.add_subparsers(dest="perceptual_command", metavar="ACTION", required=True)
+    sub = parser.add_subparsers(dest="perceptual_command", metavar="ACTION", required=True)
     _add_demos(sub)
     learn = sub.add_parser("learn", help="learn a reward from demo videos",
                            description="e.g. rewardtune perceptual learn --videos 'demos/*.mp4' --steps 2 "
@@ -55,12 +53,11 @@ def add_parser(subparsers) -> None:
                        help=f"step-discovery objective (default {DEFAULT_OBJECTIVE})")
     learn.add_argument("--min-size", type=positive_int, default=None,
                        help="minimum frames per step (default: a quarter of the mean step length)")
-    learn.add_argument("--alpha", type=float, default=5.0, help="Eq. 1 weight of the mean gap (default 5)")
+    learn.add_argument("--alpha", type=finite_float, default=5.0, help="Eq. 1 weight of the mean gap (default 5)")
     learn.add_argument("--n-features", type=positive_int, default=32, help="features kept per step (default 32)")
     learn.add_argument("--combine", choices=COMBINES, default="doubling", help="default step combination")
     learn.add_argument("--out", required=True, help="reward file to write (e.g. reward.pt)")
     learn.add_argument("--plot", default=None, help="also write a PNG of the demos' discovered steps")
-    learn.set_defaults(handler=_cmd_learn)
     score = sub.add_parser("score", help="score every frame of a video with a learned reward",
                            description="e.g. rewardtune perceptual score --reward reward.pt --video test.mp4 "
                                        "--out rewards.csv --plot rewards.png")
@@ -71,7 +68,6 @@ def add_parser(subparsers) -> None:
     score.add_argument("--steps-plot", default=None, help="PNG of the training demos' discovered step boundaries")
     score.add_argument("--combine", choices=COMBINES, default=None, help="override the file's step combination")
     score.add_argument("--shaped", action="store_true", help="total as the shaped difference r[t] - r[t-1]")
-    score.set_defaults(handler=_cmd_score)
 
 
 def _add_demos(sub) -> None:
@@ -91,10 +87,9 @@ def _add_demos(sub) -> None:
                        help="expert (default) completes the task; failed stops part-way; random does not try")
     demos.add_argument("--size", type=positive_int, default=64,
                        help="frame height in pixels (default 64; MountainCar frames are 1.5x as wide)")
-    demos.set_defaults(handler=_cmd_demos)
 
 
-def _cmd_demos(args) -> int:
+def run_demos(args) -> int:
     import av
 
     from rewardtune.outputs import StagedFolder
@@ -126,11 +121,13 @@ def _check_suffix(path: str | None, suffix: str, flag: str) -> None:
 
 def _check_outputs(*flags_paths: tuple[str, str | None]) -> None:
     """Every output file can be written (one-line error before any work otherwise)."""
+    from rewardtune.outputs import check_writable_file
+
     for flag, path in flags_paths:
         check_writable_file(path, flag)
 
 
-def _cmd_learn(args) -> int:
+def run_learn(args) -> int:
     from rewardtune.perceptual.features import load_extractor
     from rewardtune.perceptual.plots import plot_boundaries
     from rewardtune.perceptual.reward import PerceptualReward
@@ -159,7 +156,7 @@ def _cmd_learn(args) -> int:
     return 0
 
 
-def _cmd_score(args) -> int:
+def run_score(args) -> int:
     from rewardtune.perceptual.plots import plot_boundaries, plot_rewards
     from rewardtune.perceptual.reward import PerceptualReward
     from rewardtune.perceptual.video import read_video
@@ -186,4 +183,10 @@ def _cmd_score(args) -> int:
     return 0
 
 
-__all__ = ["add_parser", "parse_options"]
+def run(args) -> int:
+    return ACTIONS[args.perceptual_command](args)
+
+
+ACTIONS = {"demos": run_demos, "learn": run_learn, "score": run_score}
+
+__all__ = ["ACTIONS", "DEMO_TASKS", "DESCRIPTION", "add_arguments", "parse_options", "run"]

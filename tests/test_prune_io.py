@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from test_prune_methods import tiny_unet
 
 from rewardtune.errors import UserError
 from rewardtune.prune import prune_unet
 from rewardtune.prune.common import RECORD_KEY, example_inputs
 from rewardtune.prune.io import load_pruned_unet, needs_rebuild, save_pruned_pipeline
-from test_prune_methods import tiny_unet
 
 
 def _out(model, inputs):

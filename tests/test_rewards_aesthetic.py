@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_rewards import (
+    AESTHETIC_HEAD_FILE,
+    AESTHETIC_HEAD_LINEARS,
+    AESTHETIC_PROJECTION,
+    save_aesthetic_clip,
+    save_aesthetic_head,
+)
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
-from tiny_rewards import (AESTHETIC_HEAD_FILE, AESTHETIC_HEAD_LINEARS, AESTHETIC_PROJECTION, save_aesthetic_clip,
-                          save_aesthetic_head)
 
 PROJECTION, HEAD_LINEARS = AESTHETIC_PROJECTION, AESTHETIC_HEAD_LINEARS
 

@@ -5,16 +5,22 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import open_clip  # a required dependency: never skip
 import pytest
 import torch
+from tiny_rewards import (
+    OPEN_CLIP_TINY,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    bicubic,
+    clipscore_options,
+    hand_open_clip_cosine,
+    reference_open_clip,
+)
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.jpeg import jpeg_kilobytes
-from tiny_rewards import (OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, bicubic, clipscore_options,
-                          hand_open_clip_cosine, reference_open_clip)
-
-import open_clip  # noqa: E402  (a required dependency: never skip)
 
 OPENAI = (torch.tensor(OPENAI_MEAN), torch.tensor(OPENAI_STD))
 PROMPTS = ["a red circle", "a photo of a dog", "a painting of a cat", "a small green triangle"]

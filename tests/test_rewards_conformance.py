@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_rewards import TINY_OPTIONS
 
 from rewardtune.errors import UserError
 from rewardtune.rewards import REWARDS, load_reward
-from tiny_rewards import TINY_OPTIONS
 
 HEIGHT, WIDTH = 40, 56
 PROMPTS = ["a red circle", "a blue square on a white background", "a small green triangle"]

@@ -11,13 +11,19 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from tiny_rewards import (
+    OPEN_CLIP_TINY,
+    OPENAI_MEAN,
+    OPENAI_STD,
+    bicubic,
+    hand_open_clip_cosine,
+    hpsv2_options,
+    reference_open_clip,
+)
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.jpeg import jpeg_kilobytes
-from tiny_rewards import (OPEN_CLIP_TINY, OPENAI_MEAN, OPENAI_STD, bicubic, hand_open_clip_cosine,
-                          hpsv2_options, reference_open_clip)
-
 
 MEAN = torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(OPENAI_STD).view(1, 3, 1, 1)

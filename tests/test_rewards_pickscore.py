@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_rewards import CLIP_MAX_POSITIONS, PICKSCORE_LOGIT_SCALE, PICKSCORE_MEAN, PICKSCORE_STD, save_pickscore_clip
 
 from rewardtune.errors import ModelNotFoundError
 from rewardtune.rewards import load_reward
 from rewardtune.rewards.clip_hf import ImagePreprocessing
-from tiny_rewards import (CLIP_MAX_POSITIONS, PICKSCORE_LOGIT_SCALE, PICKSCORE_MEAN, PICKSCORE_STD,
-                          save_pickscore_clip)
 
 PROMPTS = ["a red circle", "a photo of a dog", "a red circle",
            "a small green triangle on a blue square on a white background in a photo of a red dog"]  # > 16 tokens

@@ -5,9 +5,11 @@ Files already in the local cache are used without any request. The network is tr
 through the HTTPS proxy when one is set); otherwise loading runs in offline mode and a missing file becomes the
 caller's one-line :class:`~rewardtune.errors.ModelNotFoundError` immediately.
 
-    path = hub_file("xswu/HPSv2", "HPS_v2_compressed.pt", explain="... run `hf download ...`")
+    path = hub_file("xswu/HPSv2", "HPS_v2_compressed.pt", explain=not_found_message(...))
     with offline_unless_reachable():          # transformers/open_clip loaders inside use the cache only
         model = CLIPModel.from_pretrained("yuvalkirstain/PickScore_v1")
+
+Loaders use these through :mod:`rewardtune.modelfiles`, which also writes the one-line message (``explain``).
 """
 
 from __future__ import annotations

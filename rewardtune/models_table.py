@@ -1,14 +1,13 @@
-"""Names of the registered pipelines and rewards, without importing torch (``rewardtune models`` answers at once).
+"""Names of the registered pipelines, rewards and UNet loaders, without importing torch (``rewardtune models``
+answers at once).
 
-``rewardtune.diffusion.loading.MODELS`` and ``rewardtune.rewards.REWARDS``/``PATH_REWARDS`` hold the same names
-(a test keeps them equal); those registries import torch, this module only the standard library.
+``rewardtune.diffusion.loading.MODELS``/``UNET_LOADERS`` and ``rewardtune.rewards.REWARDS``/``PATH_REWARDS`` hold
+the same entries (a test keeps them equal); those registries import torch, this module only the standard library.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
-ASSETS = Path(__file__).resolve().parent / "assets"
+from rewardtune.modelfiles import ASSETS
 
 PIPELINES: dict[str, str] = {
     "shapes-tiny": str(ASSETS / "shapes-tiny"),
@@ -37,6 +36,15 @@ PATH_REWARD_FACTORIES: dict[str, str] = {
     "perceptual": "rewardtune.perceptual.image_reward:load_perceptual_reward",
 }
 
+# UNets that plain ``from_pretrained`` cannot load, keyed by the entry of ``unet/config.json`` that marks them.
+# ``load``: "module:function" (unet_folder: Path, dtype: torch.dtype) -> UNet, or None when from_pretrained can load
+# it; ``check``: "module:function" (pipe) -> None, raising a one-line UserError when the UNet does not fit the
+# pipeline. Imported only when a pipeline folder's UNet config carries the key (``load_pipeline``).
+UNET_LOADER_HOOKS: dict[str, dict[str, str]] = {
+    "_rewardtune_pruning": {"load": "rewardtune.prune.io:load_unet_if_pruned",
+                            "check": "rewardtune.prune.io:check_pruned_fits"},
+}
+
 
 def pipeline_names() -> list[str]:
     return sorted(PIPELINES)
@@ -47,4 +55,5 @@ def reward_names() -> list[str]:
     return sorted(REWARD_FACTORIES) + [f"{name}:PATH" for name in sorted(PATH_REWARD_FACTORIES)]
 
 
-__all__ = ["PIPELINES", "REWARD_FACTORIES", "PATH_REWARD_FACTORIES", "pipeline_names", "reward_names"]
+__all__ = ["ASSETS", "PIPELINES", "REWARD_FACTORIES", "PATH_REWARD_FACTORIES", "UNET_LOADER_HOOKS",
+           "pipeline_names", "reward_names"]

@@ -133,14 +133,15 @@ def test_component_names_may_contain_dots(monkeypatch):
 
 
 def test_resize_shortest_truncates_the_long_side_like_torchvision():
-    from torchvision.transforms.functional import resize
+    from torchvision.transforms.functional import center_crop, resize
 
-    from rewardtune.rewards.preprocess import resize_shortest_and_center_crop
+    from rewardtune.rewards.preprocess import clip_pixels, shortest_side_size
 
     images = torch.rand(1, 3, 48, 64)
-    expected_width = resize(images, 42, antialias=True).shape[-1]  # int(42 * 64 / 48) = 56
-    assert expected_width == 56
-    out = resize_shortest_and_center_crop(images, 42)
-    assert out.shape[-2:] == (42, 42)
-    odd = torch.rand(1, 3, 48, 64)
-    assert resize_shortest_and_center_crop(odd, 43).shape[-2:] == (43, 43)  # long side int(57.33) = 57
+    expected = center_crop(resize(images, 42, antialias=True, interpolation=3), 42)  # int(42 * 64 / 48) = 56 wide
+    assert shortest_side_size(48, 64, 42) == (42, 56)
+    torch.testing.assert_close(clip_pixels(images, 42, mean=None), expected, atol=1e-5, rtol=0)
+    assert shortest_side_size(48, 64, 43) == (43, 57)  # long side int(57.33) = 57
+    assert clip_pixels(images, 43).shape[-2:] == (43, 43)
+    assert shortest_side_size(40, 62, 16) == (16, 24)                     # 24.8 truncated (CLIP, torchvision)
+    assert shortest_side_size(40, 62, 16, rounding="round") == (16, 25)   # 24.8 rounded (perceptual features)

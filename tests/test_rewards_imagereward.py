@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_rewards import BERT_SPECIALS, BERT_WORDS, IMAGEREWARD_VISION, imagereward_options
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
 from rewardtune.rewards import load_reward
-from tiny_rewards import BERT_SPECIALS, BERT_WORDS, IMAGEREWARD_VISION, imagereward_options
 
 VISION = IMAGEREWARD_VISION
 SPECIALS, WORDS = BERT_SPECIALS, BERT_WORDS
@@ -53,13 +53,24 @@ def test_keys_map_one_to_one_and_blip_tokenizer(tiny):
     assert (ids[:, 0] == tok.cls_token_id).all()  # ImageReward keeps [CLS]; no [ENC] substitution
 
 
-def test_score_matches_hand_computed_head(tiny):
-    from rewardtune.rewards.preprocess import normalize, resize_shortest_and_center_crop
+def hand_pixels(x: torch.Tensor, size: int) -> torch.Tensor:
+    """BLIP's transform by hand: shortest side to ``size`` (bicubic, antialiased; long side truncated), centre crop,
+    OpenAI mean/std."""
+    from tiny_rewards import OPENAI_MEAN, OPENAI_STD, bicubic
 
+    h, w = x.shape[-2:]
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    top, left = (nh - size) // 2, (nw - size) // 2
+    crop = bicubic(x, (nh, nw))[..., top:top + size, left:left + size]
+    return (crop - torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_STD).view(1, 3, 1, 1)
+
+
+def test_score_matches_hand_computed_head(tiny):
     reward, state = tiny["reward"], tiny["state"]
     x = images(len(PROMPTS))
     scores = reward(x, PROMPTS)
-    pixels = normalize(resize_shortest_and_center_crop(x, VISION["image_size"]))
+    pixels = hand_pixels(x, VISION["image_size"])
+    assert pixels.shape[-2:] == (VISION["image_size"],) * 2 and x.shape[-2:] != pixels.shape[-2:]
     ids, mask = reward.tokenize(PROMPTS)
     with torch.no_grad():
         blip = reward.model.blip

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
 from rewardtune.errors import ModelNotFoundError, UserError
-from rewardtune.hub import offline_unless_reachable
-from rewardtune.models_table import PIPELINES
+from rewardtune.modelfiles import is_hub_id, not_found_error, offline_unless_reachable
+from rewardtune.models_table import PIPELINES, UNET_LOADER_HOOKS
 from rewardtune.registry import Registry
 from rewardtune.utils.devices import DTYPES, to_dtype  # noqa: F401  (re-exported: loading.DTYPES)
 
@@ -24,6 +26,55 @@ MODELS: Registry[str] = Registry("model")
 for _name, _source in PIPELINES.items():
     MODELS.register(_name, _source)
 
+# UNet loaders/checks keyed by the ``unet/config.json`` entry that marks a UNet ``from_pretrained`` cannot load
+# alone (see rewardtune.models_table.UNET_LOADER_HOOKS): {"load": fn or "module:function", "check": ...}. Features
+# (e.g. pruning) are imported only when a loaded folder carries their key, so this layer imports none of them.
+UNET_LOADERS: Registry[dict[str, Any]] = Registry("UNet loader")
+for _key, _hooks in UNET_LOADER_HOOKS.items():
+    UNET_LOADERS.register(_key, dict(_hooks))
+
+
+def register_unet_loader(key: str, load: Callable | str | None = None, check: Callable | str | None = None) -> None:
+    """Add a UNet loader for UNets whose config carries ``key``: ``load(unet_folder: Path, dtype) -> UNet | None``
+    (None: plain ``from_pretrained`` loads it), ``check(pipe)`` raises a one-line UserError for a misfit.
+    Either may be a callable or a lazy ``"module:function"`` string."""
+    UNET_LOADERS.register(key, {"load": load, "check": check})
+
+
+def _hook(key: str, role: str) -> Callable | None:
+    target = UNET_LOADERS.get(key).get(role)
+    if isinstance(target, str):
+        module, _, name = target.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return target
+
+
+def _unet_config_keys(config: dict) -> list[str]:
+    return [key for key in UNET_LOADERS.names() if config.get(key) is not None]
+
+
+def _custom_unet(folder: str, dtype: str | torch.dtype) -> dict:
+    """``{"unet": UNet}`` when a registered UNet loader rebuilds the folder's UNet (e.g. pruned channels), else
+    ``{}`` (plain ``from_pretrained``). Only the loaders whose key is in ``unet/config.json`` are imported."""
+    config_path = Path(folder) / "unet" / "config.json"
+    try:
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+    except (OSError, ValueError):
+        return {}  # from_pretrained reports the unreadable config
+    for key in _unet_config_keys(config if isinstance(config, dict) else {}):
+        load = _hook(key, "load")
+        unet = load(config_path.parent, to_dtype(dtype)) if load is not None else None
+        if unet is not None:
+            return {"unet": unet}
+    return {}
+
+
+def _check_unet(pipe) -> None:
+    """Run the registered checks of the loaded UNet's config keys (a misfit UNet: one-line UserError)."""
+    for key in _unet_config_keys(dict(pipe.unet.config)):
+        check = _hook(key, "check")
+        if check is not None:
+            check(pipe)
 
 
 def resolve_model(model: str) -> str:
@@ -32,7 +83,7 @@ def resolve_model(model: str) -> str:
         return MODELS.get(model)
     if Path(model).expanduser().exists():
         return str(Path(model).expanduser())
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+    if is_hub_id(model):
         return model
     raise UserError(f"unknown model {model!r}; choose one of: {', '.join(MODELS.names())}, "
                     "or pass a local pipeline folder or a hub id such as CompVis/stable-diffusion-v1-4")
@@ -45,14 +96,6 @@ def _dtype_kwarg() -> str:
     from diffusers.utils import deprecation_utils
 
     return "dtype" if hasattr(deprecation_utils, "_TORCH_DTYPE_DEPRECATION_MESSAGE") else "torch_dtype"
-
-
-def _pruned_unet(folder: str, dtype: str | torch.dtype) -> dict:
-    """``{"unet": UNet}`` when the folder's UNet has pruned channels (rebuilt by rewardtune.prune.io), else ``{}``."""
-    from rewardtune.prune.io import load_pruned_unet, needs_rebuild
-
-    unet_dir = Path(folder) / "unet"
-    return {"unet": load_pruned_unet(unet_dir, to_dtype(dtype))} if needs_rebuild(unet_dir) else {}
 
 
 @contextmanager
@@ -139,22 +182,18 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
     if lora is not None:
         lora_weights(lora)  # before the (slow) base model load
     try:
-        pruned = _pruned_unet(source, dtype) if local else {}
+        unet = _custom_unet(source, dtype) if local else {}
         hub = contextlib.nullcontext() if local else offline_unless_reachable()  # no minute of retries offline
         with hub, _loading_bar(logger.isEnabledFor(logging.INFO)):
             pipe = StableDiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): to_dtype(dtype)},
                                                            safety_checker=None, requires_safety_checker=False,
-                                                           **pruned)
+                                                           **unet)
     except (OSError, ValueError) as exc:
         if local:
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None
-        raise ModelNotFoundError(
-            f"model {model!r} ({source}) is not in the local Hugging Face cache and could not be downloaded; "
-            f"on a connected machine run `hf download {source}` (then copy the cache or set HF_HOME), "
-            "or pass a local pipeline folder with --model PATH") from None
-    from rewardtune.prune.io import check_pruned_fits
-
-    check_pruned_fits(pipe)  # a pruned UNet saved into a mismatched pipeline folder: one-line error
+        what = f"model {model!r}" + (f" ({source})" if source != model else "")
+        raise not_found_error(what, source, option="--model", local="pipeline folder") from None
+    _check_unet(pipe)  # e.g. a pruned UNet saved into a mismatched pipeline folder: one-line error
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:

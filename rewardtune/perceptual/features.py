@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
+from rewardtune.modelfiles import asset, not_found_error
 from rewardtune.registry import Registry
+from rewardtune.rewards.preprocess import clip_pixels
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +48,9 @@ def frames_to_tensor(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
 
 
 def resize_shortest_crop(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B,3,H,W]`` -> ``[B,3,size,size]``: shortest side to ``size`` (bilinear, antialiased), centre crop."""
-    h, w = images.shape[-2:]
-    scale = size / min(h, w)
-    nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
-    if (nh, nw) != (h, w):
-        images = F.interpolate(images, size=(nh, nw), mode="bilinear", align_corners=False, antialias=True)
-    top, left = (nh - size) // 2, (nw - size) // 2
-    return images[..., top:top + size, left:left + size]
+    """``[B,3,H,W]`` -> ``[B,3,size,size]`` in [0,1]: shortest side to ``size`` (bilinear, antialiased, the long
+    side rounded), centre crop, no normalisation (:func:`rewardtune.rewards.preprocess.clip_pixels`)."""
+    return clip_pixels(images, size, mode="bilinear", rounding="round", mean=None)
 
 
 class FeatureExtractor:
@@ -228,10 +225,8 @@ def _download_inception() -> dict[str, torch.Tensor]:
     try:
         return Inception_V3_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
     except Exception:
-        url = Inception_V3_Weights.IMAGENET1K_V1.url
-        raise ModelNotFoundError(f"inception_v3 ImageNet weights are not in torch's cache and could not be "
-                                 f"downloaded; fetch {url} on a connected machine into $TORCH_HOME/hub/checkpoints "
-                                 "or pass weights=PATH") from None
+        raise not_found_error("inception_v3 ImageNet weights", Inception_V3_Weights.IMAGENET1K_V1.url, plural=True,
+                              cache="torch's cache", into="$TORCH_HOME/hub/checkpoints", option="weights") from None
 
 
 class OpenClipFeatures(FeatureExtractor):
@@ -242,23 +237,29 @@ class OpenClipFeatures(FeatureExtractor):
     def __init__(self, model: str = "ViT-B-32", pretrained: str | None = "openai", checkpoint: str | None = None,
                  batch_size: int = 32) -> None:
         super().__init__(batch_size, model=str(model), pretrained=pretrained, checkpoint=checkpoint)
-        from rewardtune.rewards.clipscore import (build_open_clip, clip_preprocess, load_weights, read_state_dict,
-                                                  register_arch, resolve_clip_weights, square_image_size)
+        from rewardtune.rewards.clipscore import (
+            build_open_clip,
+            clip_preprocess,
+            load_weights,
+            read_state_dict,
+            register_arch,
+            resolve_clip_weights,
+            square_image_size,
+        )
 
         arch = register_arch(model)
         path, tag_cfg = resolve_clip_weights(arch, pretrained, checkpoint)
         self.clip = build_open_clip(arch, quick_gelu=bool(tag_cfg.get("quick_gelu", False)))
         load_weights(self.clip, read_state_dict(path), path)
-        self.resize, mean, std = clip_preprocess(self.clip, tag_cfg)
+        self.fit, self.mean, self.std = clip_preprocess(self.clip, tag_cfg)
         self.image_size = square_image_size(self.clip)
-        self.mean, self.std = (torch.tensor(v).view(1, 3, 1, 1) for v in (mean, std))
 
     def spec(self) -> dict[str, Any]:
         return {"name": f"openclip:{self.options['model']}",
                 "options": {k: v for k, v in self.options.items() if k != "model"}}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        pixels = (self.resize(images, self.image_size) - self.mean) / self.std
+        pixels = clip_pixels(images, self.image_size, fit=self.fit, mean=self.mean, std=self.std)
         return self.clip.encode_image(pixels)
 
 
@@ -269,9 +270,9 @@ class ShapesClipFeatures(FeatureExtractor):
 
     def __init__(self, model: str | None = None, batch_size: int = 64) -> None:
         super().__init__(batch_size, model=model)
-        from rewardtune.rewards.shapes import ASSETS, load_tiny_clip
+        from rewardtune.rewards.shapes import load_tiny_clip
 
-        self.towers = load_tiny_clip(model or ASSETS / "shapes-clip").eval()
+        self.towers = load_tiny_clip(model or asset("shapes-clip")).eval()
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         return self.towers.encode_images(images)

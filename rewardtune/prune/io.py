@@ -97,6 +97,13 @@ def load_pruned_unet(unet_folder: str | Path, dtype: torch.dtype = torch.float32
     return (unet if unet.dtype == dtype else unet.to(dtype)).eval()
 
 
+def load_unet_if_pruned(unet_folder: str | Path, dtype: torch.dtype = torch.float32) -> nn.Module | None:
+    """The UNet loader that ``rewardtune.diffusion.loading.load_pipeline`` runs on a UNet folder whose config
+    carries the pruning record (``UNET_LOADER_HOOKS`` in rewardtune.models_table): the rebuilt UNet when it has
+    pruned channels, else None (plain ``from_pretrained`` loads block-removed and masked UNets)."""
+    return load_pruned_unet(unet_folder, dtype) if needs_rebuild(unet_folder) else None
+
+
 def check_unet_fits(pipe, unet: nn.Module | None = None) -> None:
     """Refuse a UNet whose inputs or outputs do not match the pipeline's VAE latents or text-encoder states."""
     unet = unet if unet is not None else pipe.unet
@@ -130,4 +137,4 @@ def save_pruned_pipeline(pipe, unet: nn.Module, folder: str | Path) -> Path:
 
 
 __all__ = ["load_pruned_unet", "needs_rebuild", "check_unet_fits", "save_pruned_pipeline",
-           "pruning_record_of_folder", "check_pruned_fits"]
+           "pruning_record_of_folder", "check_pruned_fits", "load_unet_if_pruned"]

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
-from rewardtune.hub import hub_file
+from rewardtune.modelfiles import hub_file
 from rewardtune.rewards.base import Reward
 from rewardtune.rewards.clip_hf import CLIPTowers, load_clip_towers
 
@@ -50,16 +50,6 @@ class AestheticHead(nn.Module):
         return self.layers(embeddings)
 
 
-def _hub_copy() -> Path | None:
-    """The hub mirror of the head from the HF cache (downloaded when the hub is allowed and reachable); None when
-    unavailable."""
-    try:
-        return hub_file(*HEAD_MIRROR, explain="not available")
-    except ModelNotFoundError as exc:
-        logger.debug("aesthetic head not available from %s: %s", HEAD_MIRROR, exc)
-        return None
-
-
 def find_aesthetic_head() -> Path:
     """The head file from the env var, the rewardtune cache folder or the HF cache; else one-line
     :class:`ModelNotFoundError` naming the file and where it comes from."""
@@ -71,12 +61,8 @@ def find_aesthetic_head() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "rewardtune" / HEAD_FILE
     if cache.is_file():
         return cache
-    path = _hub_copy()
-    if path is not None:
-        return path
-    raise ModelNotFoundError(
-        f"aesthetic head {HEAD_FILE} not found; it comes from {HEAD_SOURCE} (3.7 MB, also "
-        f"`hf download {HEAD_MIRROR[0]} {HEAD_MIRROR[1]}`): pass head=PATH, set ${HEAD_ENV}, or put it at {cache}")
+    return hub_file(*HEAD_MIRROR, what=f"aesthetic head {HEAD_FILE} (3.7 MB, from {HEAD_SOURCE})", option="head",
+                    more=[f"set ${HEAD_ENV}", f"put it at {cache}"])
 
 
 def load_aesthetic_head(path: str | Path, input_dim: int) -> AestheticHead:

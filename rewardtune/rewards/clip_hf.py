@@ -12,16 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from rewardtune.errors import ModelNotFoundError, UserError
-from rewardtune.hub import offline_unless_reachable
-from rewardtune.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, normalize
+from rewardtune.errors import UserError
+from rewardtune.modelfiles import from_pretrained_or_explain
+from rewardtune.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, clip_pixels
+from rewardtune.utils.devices import to_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -38,29 +37,10 @@ def _pair(value: Any, key: str) -> tuple[int, int]:
     raise UserError(f"processor config {key}={value!r} is not supported; expected an int or {{height, width}}")
 
 
-def shortest_edge_size(height: int, width: int, edge: int) -> tuple[int, int]:
-    """``(h, w)`` after scaling the shorter side to ``edge``; the longer side is truncated, as transformers does."""
-    if width <= height:
-        return int(edge * height / width), edge
-    return edge, int(edge * width / height)
-
-
-def center_crop(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``[..., H, W] -> [..., height, width]``: top/left offsets ``(H - height) // 2``; zero-pads first when the
-    image is smaller than the crop (transformers' ``center_crop`` rules)."""
-    h, w = images.shape[-2:]
-    pad_h, pad_w = max(height - h, 0), max(width - w, 0)
-    if pad_h or pad_w:
-        images = F.pad(images, (pad_w // 2, pad_w - pad_w // 2, pad_h // 2, pad_h - pad_h // 2), value=0.0)
-        h, w = images.shape[-2:]
-    top, left = (h - height) // 2, (w - width) // 2
-    return images[..., top:top + height, left:left + width]
-
-
 @dataclass(frozen=True)
 class ImagePreprocessing:
     """``CLIPImageProcessor`` as torch ops on ``[B,3,H,W]`` in [0,1]:
-    ``x = normalize(crop(resize(255 * rescale_factor * images)), mean, std)``.
+    ``x = normalize(crop(resize(255 * rescale_factor * images)), mean, std)`` (:func:`clip_pixels`).
 
     Attributes:
         shortest_edge / resize_to: resize the shorter side to ``shortest_edge`` or the image to ``resize_to``
@@ -101,52 +81,12 @@ class ImagePreprocessing:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> ``[B,3,h,w]`` model input (no clamping, so the map stays differentiable)."""
-        x = images * self.scale if self.scale != 1.0 else images
-        h, w = x.shape[-2:]
-        size = shortest_edge_size(h, w, self.shortest_edge) if self.shortest_edge else self.resize_to
-        if size is not None and tuple(size) != (h, w):
-            smooth = self.mode != "nearest-exact"
-            extra = {"antialias": True, "align_corners": False} if smooth else {}
-            x = F.interpolate(x, size=tuple(size), mode=self.mode, **extra)
-        if self.crop is not None:
-            x = center_crop(x, *self.crop)
-        if self.mean is not None:
-            x = normalize(x, self.mean, self.std)
-        return x
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _is_local(source: str) -> bool:
-    return Path(source).expanduser().exists() or source.startswith((".", "/", "~")) or source.count("/") > 1
-
-
-def from_pretrained_or_explain(loader: Callable[[str], Any], source: str, what: str, option: str) -> Any:
-    """``loader(source)`` where ``source`` is a hub id or local folder; a missing or unreadable model becomes one
-    line of :class:`ModelNotFoundError` that names ``what``/``source`` and how to supply it (``option=PATH``)."""
-    source = str(source)
-    if _is_local(source):
-        folder = Path(source).expanduser()
-        if not folder.is_dir():
-            raise ModelNotFoundError(f"{what} folder {source!r} does not exist; pass a folder written by "
-                                     f"save_pretrained with {option}=PATH")
-        try:
-            return loader(str(folder))
-        except (OSError, ValueError) as exc:
-            raise ModelNotFoundError(f"cannot load {what} from folder {source!r}: {_first_line(exc)}") from None
-    try:
-        with offline_unless_reachable():  # no network: the cache only, and no minute of retries
-            return loader(source)
-    except OSError:
-        raise ModelNotFoundError(
-            f"{what} {source!r} is not in the local Hugging Face cache and could not be downloaded; on a connected "
-            f"machine run `hf download {source}` (then copy the cache or set HF_HOME), or pass a local folder "
-            f"with {option}=PATH") from None
-    except ValueError as exc:
-        raise ModelNotFoundError(f"cannot load {what} {source!r}: {_first_line(exc)}") from None
+        if self.shortest_edge:
+            fit, size = "shortest", self.shortest_edge
+        else:
+            fit, size = ("squash", tuple(self.resize_to)) if self.resize_to is not None else ("none", 0)
+        return clip_pixels(images, size, fit=fit, crop=self.crop if self.crop is not None else False, mode=self.mode,
+                           scale=self.scale, mean=self.mean, std=self.std)
 
 
 def _pooled(output: Any) -> torch.Tensor:
@@ -200,8 +140,6 @@ def load_clip_towers(model: str, processor: str | None = None, device: str = "cp
     ``what`` names the reward and ``option``/``processor_option`` its options in the one-line errors; the model
     is loaded first, so with nothing downloaded the error names the model."""
     from transformers import AutoTokenizer, CLIPModel, ImageProcessingMixin
-
-    from rewardtune.diffusion.loading import to_dtype
 
     processor = processor or model
     torch_dtype = to_dtype(dtype)

@@ -9,7 +9,8 @@ default (plain cosine). With ``clip_s=True`` the clamp zeroes the gradient of pa
 
 This module also holds the open_clip plumbing shared with :mod:`rewardtune.rewards.hpsv2`: architecture lookup
 (model name or config JSON), checkpoint reading (bare state dict or ``{'state_dict': ...}``, ``module.`` prefix
-stripped), strict weight loading and the :class:`ClipCosine` reward. open_clip is imported lazily.
+stripped), strict weight loading and the :class:`ClipCosine` reward. open_clip is imported lazily. Preprocessing is
+:func:`rewardtune.rewards.preprocess.clip_pixels` with open_clip's ``resize_mode`` as its ``fit``.
 """
 
 from __future__ import annotations
@@ -20,55 +21,45 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from rewardtune.errors import ModelNotFoundError, UserError
-from rewardtune.hub import offline_mode, offline_unless_reachable, use_network
+from rewardtune.modelfiles import not_found_error, offline_mode, offline_unless_reachable, use_network
 from rewardtune.rewards.base import Reward
-from rewardtune.rewards.preprocess import normalize, resize_longest_and_pad, resize_shortest_and_center_crop
+from rewardtune.rewards.preprocess import clip_pixels
+from rewardtune.utils.devices import to_dtype
 
 logger = logging.getLogger(__name__)
 
 CLIP_S_WEIGHT = 2.5
 
-
-def resize_squash(images: torch.Tensor, size: int) -> torch.Tensor:
-    """``[B,3,H,W]`` -> ``[B,3,size,size]`` ignoring the aspect ratio (open_clip ``resize_mode='squash'``)."""
-    if images.shape[-2:] == (size, size):
-        return images
-    return F.interpolate(images, size=(size, size), mode="bicubic", align_corners=False, antialias=True)
-
-
-# open_clip's ``resize_mode`` -> the differentiable equivalent of its validation transform.
-RESIZERS: dict[str, Callable[[torch.Tensor, int], torch.Tensor]] = {
-    "shortest": resize_shortest_and_center_crop,
-    "longest": resize_longest_and_pad,
-    "squash": resize_squash,
-}
+# open_clip's validation ``resize_mode``s, each the ``fit`` of :func:`clip_pixels` of the same name (bicubic,
+# antialiased): shortest side + centre crop, longest side + zero padding, squash.
+RESIZE_MODES = ("shortest", "longest", "squash")
 
 
 class ClipCosine(Reward):
     """``score = scale * f(cos(E_I(normalize(resize(x))), E_T(tokens(p))))`` with ``f = id`` or
     ``f(c) = 2.5 * max(c, 0)`` (``clip_s``). Images ``[B,3,H,W]`` in [0,1], prompts ``list[str]`` -> ``[B]``.
+    ``resize`` is one of :data:`RESIZE_MODES` (the ``fit`` of :func:`clip_pixels`).
 
     One forward per call: all images in one batch, each distinct prompt encoded once.
     """
 
     differentiable = True
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Callable, resize: Callable, size: int,
+    def __init__(self, model: torch.nn.Module, tokenizer: Callable, resize: str, size: int,
                  mean: tuple[float, ...], std: tuple[float, ...], scale: float = 1.0, clip_s: bool = False) -> None:
         super().__init__()
         self.model = model.eval().requires_grad_(False)
-        self.tokenizer, self.resize, self.size = tokenizer, resize, int(size)
+        self.tokenizer, self.resize, self.size = tokenizer, str(resize), int(size)
         self.mean, self.std = tuple(mean), tuple(std)
         self.scale, self.clip_s = float(scale), bool(clip_s)
 
     def pixels(self, images: torch.Tensor) -> torch.Tensor:
         """``[B,3,H,W]`` in [0,1] -> normalised model input ``[B,3,S,S]`` (resize/pad or crop, then mean/std)."""
         dtype = next(self.model.parameters()).dtype
-        x = self.resize(images.to(self.device, torch.float32), self.size)
-        return normalize(x, self.mean, self.std).to(dtype)
+        x = images.to(self.device, torch.float32)
+        return clip_pixels(x, self.size, fit=self.resize, mean=self.mean, std=self.std).to(dtype)
 
     def cosine(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         """``[B]`` cosine of the L2-normalised image and text embeddings (no logit scale)."""
@@ -203,20 +194,18 @@ def fetch_pretrained(name: str, tag: str, cfg: dict) -> str:
     import open_clip
 
     source = cfg.get("hf_hub", "").rstrip("/") or cfg.get("url", "")
-    how = (f"on a connected machine run `hf download {source}` (then copy the cache or set HF_HOME)"
-           if cfg.get("hf_hub") else f"download {source} into ~/.cache/clip")
+    url_cache = "~/.cache/clip"
+    where = {} if cfg.get("hf_hub") else {"cache": url_cache, "into": url_cache}
+    what = f"open_clip weights {name} ({tag})"
     offline_url_only = not use_network() and not cfg.get("hf_hub")
-    cached = Path("~/.cache/clip").expanduser() / Path(source).name
-    if offline_url_only and not cached.is_file():
+    if offline_url_only and not (Path(url_cache).expanduser() / Path(source).name).is_file():
         why = "HF_HUB_OFFLINE is set" if offline_mode() else "the network is not reachable"
-        raise ModelNotFoundError(f"open_clip weights {name} ({tag}) are not cached and {why}; "
-                                 f"{how}, or pass checkpoint=PATH")
+        raise not_found_error(what, source, option="checkpoint", plural=True, reason=why, **where)
     try:
         with offline_unless_reachable():
             return open_clip.download_pretrained(cfg)
     except Exception:
-        raise ModelNotFoundError(f"open_clip weights {name} ({tag}, {source}) are not in the local cache and could "
-                                 f"not be downloaded; {how}, or pass checkpoint=PATH") from None
+        raise not_found_error(what, source, option="checkpoint", plural=True, **where) from None
 
 
 def resolve_clip_weights(name: str, pretrained: str | None, checkpoint: str | None) -> tuple[str, dict]:
@@ -236,17 +225,18 @@ def resolve_clip_weights(name: str, pretrained: str | None, checkpoint: str | No
     return fetch_pretrained(name, pretrained, cfg), cfg
 
 
-def clip_preprocess(model: torch.nn.Module, tag_cfg: dict) -> tuple[Callable, tuple, tuple]:
-    """``(resize fn, mean, std)`` of the open_clip validation transform: the model's preprocess config, overridden
-    by the pretrained tag's ``mean``/``std``/``resize_mode`` (e.g. SigLIP's 0.5 mean/std)."""
+def clip_preprocess(model: torch.nn.Module, tag_cfg: dict) -> tuple[str, tuple, tuple]:
+    """``(resize mode, mean, std)`` of the open_clip validation transform (the ``fit``/``mean``/``std`` of
+    :func:`clip_pixels`): the model's preprocess config, overridden by the pretrained tag's
+    ``mean``/``std``/``resize_mode`` (e.g. SigLIP's 0.5 mean/std)."""
     import open_clip
 
     cfg = {**open_clip.get_model_preprocess_cfg(model),
            **{k: tag_cfg[k] for k in ("mean", "std", "resize_mode") if k in tag_cfg}}
     mode = cfg.get("resize_mode", "shortest")
-    if mode not in RESIZERS:
-        raise UserError(f"open_clip resize_mode {mode!r} is not supported; supported: {', '.join(RESIZERS)}")
-    return RESIZERS[mode], tuple(cfg["mean"]), tuple(cfg["std"])
+    if mode not in RESIZE_MODES:
+        raise UserError(f"open_clip resize_mode {mode!r} is not supported; supported: {', '.join(RESIZE_MODES)}")
+    return mode, tuple(cfg["mean"]), tuple(cfg["std"])
 
 
 def load_clipscore(model: str = "ViT-L-14", pretrained: str | None = "openai", checkpoint: str | None = None,
@@ -266,8 +256,6 @@ def load_clipscore(model: str = "ViT-L-14", pretrained: str | None = "openai", c
     the model's image size + centre crop (or the tag's ``resize_mode``), then the tag's mean/std (OpenAI's by
     default). Raises :class:`ModelNotFoundError` (one line) when the weights are missing offline.
     """
-    from rewardtune.diffusion.loading import to_dtype
-
     name = register_arch(model)
     path, tag_cfg = resolve_clip_weights(name, pretrained, checkpoint)
     gelu = bool(tag_cfg.get("quick_gelu", False)) if quick_gelu is None else bool(quick_gelu)

@@ -16,7 +16,7 @@ import logging
 import os
 from pathlib import Path
 
-from rewardtune.hub import hub_file
+from rewardtune.modelfiles import hub_file
 from rewardtune.rewards.base import Reward
 from rewardtune.rewards.clipscore import (
     ClipCosine,
@@ -27,7 +27,8 @@ from rewardtune.rewards.clipscore import (
     register_arch,
     square_image_size,
 )
-from rewardtune.rewards.preprocess import OPENAI_MEAN, OPENAI_STD, resize_longest_and_pad
+from rewardtune.rewards.preprocess import OPENAI_MEAN, OPENAI_STD
+from rewardtune.utils.devices import to_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -42,23 +43,18 @@ def find_hps_checkpoint(version: str) -> str:
     legacy = Path(os.environ.get("HPS_ROOT", "~/.cache/hpsv2")).expanduser() / filename
     if legacy.is_file():
         return str(legacy)
-    return str(hub_file(HPS_REPO, filename, explain=(
-        f"HPS {version} checkpoint {filename} ({HPS_REPO}) is not in the local Hugging Face cache and could not "
-        f"be downloaded; on a connected machine run `hf download {HPS_REPO} {filename}` (then copy the cache "
-        "or set HF_HOME), or pass checkpoint=PATH")))
+    return str(hub_file(HPS_REPO, filename, what=f"HPS {version} checkpoint {filename}", option="checkpoint",
+                        more=[f"put it in $HPS_ROOT ({legacy.parent})"]))
 
 
 def load_hps(version: str, checkpoint: str | None = None, arch: str = "ViT-H-14", device: str = "cpu",
              dtype: str = "float32") -> Reward:
     """A differentiable HPS ``version`` reward (``[B,3,H,W]`` in [0,1], prompts -> ``[B]`` cosine)."""
-    from rewardtune.diffusion.loading import to_dtype
-
     name = register_arch(arch)
     path = str(Path(checkpoint).expanduser()) if checkpoint else find_hps_checkpoint(version)
     model = build_open_clip(name)
     load_weights(model, read_state_dict(path), path)
-    reward = ClipCosine(model, load_tokenizer(name), resize_longest_and_pad, square_image_size(model),
-                        OPENAI_MEAN, OPENAI_STD)
+    reward = ClipCosine(model, load_tokenizer(name), "longest", square_image_size(model), OPENAI_MEAN, OPENAI_STD)
     logger.info("HPS %s: %s from %s", version, name, path)
     return reward.to(device=device, dtype=to_dtype(dtype))
 

@@ -38,8 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError, UserError
+from rewardtune.modelfiles import hub_file
 from rewardtune.rewards.base import Reward
-from rewardtune.rewards.preprocess import normalize, resize_shortest_and_center_crop
+from rewardtune.rewards.preprocess import clip_pixels
+from rewardtune.utils.devices import to_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -224,20 +226,10 @@ class ImageReward(Reward):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        pixels = normalize(resize_shortest_and_center_crop(images.float(), self.image_size))
+        pixels = clip_pixels(images.float(), self.image_size)  # bicubic, shortest side + centre crop, OpenAI mean/std
         dtype = self.model.blip.visual_encoder.cls_token.dtype
         ids, mask = self.tokenize(prompts)
         return self.model(pixels.to(device=self.device, dtype=dtype), ids, mask)
-
-
-def hub_file(repo_id: str, filename: str, option: str) -> Path:
-    """Path of ``filename`` from the HF cache (downloaded when the hub is allowed and reachable), or a one-line
-    :class:`ModelNotFoundError`."""
-    from rewardtune.hub import hub_file as fetch
-
-    return fetch(repo_id, filename, explain=(
-        f"{filename} of {repo_id} is not in the local Hugging Face cache and could not be downloaded; on a "
-        f"connected machine run `hf download {repo_id} {filename}`, or pass {option}=PATH"))
 
 
 def read_med_config(path: Path, vocab_needed: int | None = None) -> dict:
@@ -314,7 +306,7 @@ def load_bert_tokenizer(tokenizer: str):
 
     folder = Path(tokenizer).expanduser()
     if not folder.exists():
-        folder = hub_file(tokenizer, "vocab.txt", "tokenizer").parent
+        folder = hub_file(tokenizer, "vocab.txt", option="tokenizer", local="folder").parent
     if not (folder / "vocab.txt").is_file():  # without it BertTokenizer silently builds an empty vocabulary
         raise ModelNotFoundError(f"tokenizer folder {str(folder)!r} has no vocab.txt; pass tokenizer=FOLDER "
                                  "holding bert-base-uncased's vocab.txt")
@@ -330,10 +322,8 @@ def load_imagereward(checkpoint: str | None = None, med_config: str | None = Non
     """ImageReward v1.0 from ``checkpoint`` (ImageReward.pt, or a folder holding it) or the HF cache of
     THUDM/ImageReward. ``med_config`` defaults to med_config.json next to the checkpoint, else the hub cache.
     ``vision`` overrides the ViT (image_size, patch_size, width, depth, heads). The head runs in fp32."""
-    from rewardtune.diffusion.loading import to_dtype
-
     if checkpoint is None:
-        path = hub_file(REPO_ID, CHECKPOINT_FILE, "checkpoint")
+        path = hub_file(REPO_ID, CHECKPOINT_FILE, option="checkpoint")
     else:
         path = Path(checkpoint).expanduser()
         path = path / CHECKPOINT_FILE if path.is_dir() else path
@@ -342,7 +332,7 @@ def load_imagereward(checkpoint: str | None = None, med_config: str | None = Non
                                      f"{CHECKPOINT_FILE} (from the {REPO_ID} hub repo)")
     if med_config is None:
         sibling = path.parent / MED_CONFIG_FILE
-        med_path = sibling if sibling.is_file() else hub_file(REPO_ID, MED_CONFIG_FILE, "med_config")
+        med_path = sibling if sibling.is_file() else hub_file(REPO_ID, MED_CONFIG_FILE, option="med_config")
     else:
         med_path = Path(med_config).expanduser()
     cfg, vis = read_med_config(med_path), vision_config(vision)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rewardtune.errors import ModelNotFoundError
-from rewardtune.models_table import ASSETS
+from rewardtune.modelfiles import ASSETS, asset  # noqa: F401  (ASSETS: scripts import it from here)
 from rewardtune.rewards.base import Reward
 
 
@@ -101,10 +101,10 @@ def load_preference_head(folder: str | Path) -> PreferenceHead:
 
 
 def load_shapes_alignment(model: str | None = None, device: str = "cpu", dtype: str = "float32") -> Reward:
-    return ShapesAlignment(load_tiny_clip(model or ASSETS / "shapes-clip", device, dtype))
+    return ShapesAlignment(load_tiny_clip(model or asset("shapes-clip"), device, dtype))
 
 
 def load_shapes_preference(model: str | None = None, device: str = "cpu", dtype: str = "float32") -> Reward:
-    folder = model or ASSETS / "shapes-preference"
+    folder = model or asset("shapes-preference")
     head = load_preference_head(folder)
     return ShapesPreference(load_tiny_clip(folder, device, dtype), head.to(device))

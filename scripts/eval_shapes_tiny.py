@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewardtune.diffusion.generate import generate
 from rewardtune.diffusion.loading import load_pipeline
+from rewardtune.diffusion.settings import SamplerSettings
 from rewardtune.prompts import read_prompts
-from rewardtune.sample import SampleConfig, generate_images
 from rewardtune.shapes.captions import parse_prompt
 from rewardtune.shapes.oracle import gold_scores, images_from_uint8, read_images
 from rewardtune.shapes.world import Scene, render
@@ -55,9 +56,9 @@ def main() -> None:
     items = [p for p in prompts for _ in range(args.images_per_prompt)]
     seeds = list(range(len(items)))
     pipe = load_pipeline(args.model)
-    cfg = SampleConfig(prompts=prompts, steps=args.steps, guidance=args.guidance, eta=0.0, batch_size=100)
+    settings = SamplerSettings(steps=args.steps, guidance=args.guidance, eta=0.0, batch_size=100)
     t0 = time.time()
-    images = generate_images(pipe, items, seeds, cfg)
+    images = generate(pipe, prompts, seeds, settings, per_prompt=args.images_per_prompt).images
     seconds = time.time() - t0
     model = accuracies(images, items)
     truth_scenes = [Scene(**{k: parse_prompt(p)[k] for k in ATTRS}, softness=0.8) for p in items]

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import torch
 
+from rewardtune.diffusion.generate import generate
 from rewardtune.diffusion.loading import load_pipeline
+from rewardtune.diffusion.settings import SamplerSettings
 from rewardtune.models_table import ASSETS
-from rewardtune.sample import SampleConfig, generate_images
 from rewardtune.shapes.oracle import read_images
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a yellow circle",
@@ -29,7 +30,8 @@ def test_shipped_assets_are_small_and_complete():
 def test_shapes_tiny_draws_free_form_prompts():
     pipe = load_pipeline("shapes-tiny")
     prompts = [p for p in PROMPTS for _ in range(2)]
-    images = generate_images(pipe, prompts, list(range(len(prompts))), SampleConfig(steps=20, guidance=5.0))
+    images = generate(pipe, PROMPTS, list(range(len(prompts))), SamplerSettings(steps=20, guidance=5.0),
+                      per_prompt=2).images
     assert images.shape == (16, 3, 32, 32)
     reading = read_images(images)
     hits = [reading.color[i] is not None for i in range(len(prompts))]

@@ -73,6 +73,13 @@ class SampleConfig:
             value = getattr(self, key)
             require(value is None or value >= 1, key, "a positive number of pixels", value)
 
+    def sampler(self):
+        """The :class:`~rewardtune.diffusion.settings.SamplerSettings` of these flags (DDIM, empty negative)."""
+        from rewardtune.diffusion.settings import SamplerSettings
+
+        return SamplerSettings(steps=self.steps, guidance=self.guidance, eta=self.eta, batch_size=self.batch_size,
+                               height=self.height, width=self.width)
+
     def prompt_list(self) -> list[str]:
         from rewardtune.prompts import read_prompts
 
@@ -208,20 +215,43 @@ def _save(out: Path, written: set[str], name: str, write: Callable[[Path], objec
 
 # --- sampling -----------------------------------------------------------------------------------------------------
 
-def _sample_to(pipe, items: list[tuple[str, int]], cfg: SampleConfig, out: Path, written: set[str],
+GRID_MAX = 64  # grid.png shows at most this many images
+PROMPT_CHUNK = 1024  # prompts whose text states are held at once (bounds memory for huge prompt files)
+
+
+def grid_images(num_prompts: int, per_prompt: int, limit: int = GRID_MAX) -> tuple[Callable[[int], bool], int | None]:
+    """Which image indices ``grid.png`` shows (at most ``limit``: the first images of the first prompts, one row
+    per prompt) and its column count."""
+    shown = min(per_prompt, max(1, limit // num_prompts))
+    rows = limit // shown
+    return (lambda k: k % per_prompt < shown and k // per_prompt < rows), (shown if num_prompts > 1 else None)
+
+
+def image_batches(pipe, prompts: list[str], cfg: SampleConfig) -> Iterator:
+    """Images ``[b,3,H,W]`` in [0,1] from the sampling service, ``num_images`` per prompt (image k from seed
+    ``seed + k``), batch by batch."""
+    from rewardtune.diffusion.generate import generate_batches
+
+    n = cfg.num_images
+    for first in range(0, len(prompts), PROMPT_CHUNK):
+        chunk = prompts[first:first + PROMPT_CHUNK]
+        seeds = list(range(cfg.seed + first * n, cfg.seed + (first + len(chunk)) * n))
+        for part in generate_batches(pipe, chunk, seeds, cfg.sampler(), per_prompt=n):
+            yield part.images
+
+
+def _sample_to(pipe, prompts: list[str], cfg: SampleConfig, out: Path, written: set[str],
                progress: Callable[[int], object]) -> list[dict]:
     """Write each batch's PNGs as it finishes, then ``grid.png``; only the grid's images are kept in memory."""
-    from rewardtune.sample import grid_images, iter_image_batches
     from rewardtune.utils.images import make_grid, save_png, to_pil
 
-    in_grid, ncol = grid_images(len(items) // cfg.num_images, cfg.num_images)
+    in_grid, ncol = grid_images(len(prompts), cfg.num_images)
     rows, tiles = [], []
-    batches = iter_image_batches(pipe, [p for p, _ in items], [s for _, s in items], cfg)
-    for images in batches:
+    for images in image_batches(pipe, prompts, cfg):
         for image in images:
             k, pil = len(rows), to_pil(image)
             _save(out, written, f"{k:05d}.png", functools.partial(save_png, pil))
-            rows.append({"file": f"{k:05d}.png", "prompt": items[k][0], "seed": items[k][1]})
+            rows.append({"file": f"{k:05d}.png", "prompt": prompts[k // cfg.num_images], "seed": cfg.seed + k})
             if in_grid(k):
                 tiles.append(pil)
         progress(len(images))
@@ -243,13 +273,13 @@ def run_sample(cfg: SampleConfig) -> Path:
     from tqdm.auto import tqdm
 
     from rewardtune.diffusion.loading import load_pipeline, lora_base_model, to_dtype
-    from rewardtune.sample import check_image_size
+    from rewardtune.diffusion.sampling import check_image_size
     from rewardtune.utils.devices import resolve_device
     from rewardtune.utils.io import atomic_write_json, write_csv
 
     prompts = cfg.prompt_list()
-    items = [(p, cfg.seed + k) for k, p in enumerate(p for p in prompts for _ in range(cfg.num_images))]
-    _check_seeds(cfg.seed, len(items))
+    total = len(prompts) * cfg.num_images
+    _check_seeds(cfg.seed, total)
     device, _ = resolve_device(cfg.device), to_dtype(cfg.dtype)
     check_out_dir(cfg.out, cfg.overwrite)
     if cfg.model is None:
@@ -257,8 +287,8 @@ def run_sample(cfg: SampleConfig) -> Path:
     pipe = load_pipeline(cfg.model, dtype=cfg.dtype, device=str(device), lora=cfg.lora)
     check_image_size(pipe, cfg.height, cfg.width)
     with output_folder(cfg.out, cfg.overwrite) as (out, written):
-        with tqdm(total=len(items), desc="sampling", unit="img") as bar:
-            rows = _sample_to(pipe, items, cfg, out, written, bar.update)
+        with tqdm(total=total, desc="sampling", unit="img") as bar:
+            rows = _sample_to(pipe, prompts, cfg, out, written, bar.update)
         _save(out, written, "manifest.csv", lambda path: write_csv(path, rows))
         _save(out, written, "manifest.json", lambda path: atomic_write_json(path, rows))
         _save(out, written, "config.yaml", lambda path: save_config(cfg, path))

@@ -50,6 +50,18 @@ def generators_for(seeds: list[int], device: str | torch.device = "cpu") -> list
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
+def check_image_size(pipe, height: int | None, width: int | None) -> None:
+    """``height``/``width`` must be multiples of the pipeline's VAE scale factor (8 for Stable Diffusion)."""
+    from rewardtune.errors import UserError
+
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    for key, value in (("height", height), ("width", width)):
+        if value is not None and value % factor:
+            low = max(factor, value // factor * factor)
+            raise UserError(f"{key} {value} is not a multiple of {factor} (this model's VAE scale factor); "
+                            f"use e.g. {low} or {low + factor}")
+
+
 def latent_shape(pipe, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
     """``(B, C, h, w)`` of the initial noise for images of ``height x width`` (the UNet's native size by default)."""
     factor = pipe.vae_scale_factor

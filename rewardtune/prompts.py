@@ -8,7 +8,8 @@
   shards), or a folder of JSON prompt files (the HPSv2 benchmark folder: all styles, in file-name order).
 
 A bare name such as ``animals45`` or ``shapes_small`` names a prompt set shipped in ``rewardtune/assets/prompts``
-(see :func:`shipped_prompt_sets`). The prompt column is ``column`` when given, else the first of :data:`PROMPT_COLUMNS` that the source has.
+(see :func:`shipped_prompt_sets`). The prompt column is ``column`` when given, else the first of
+:data:`PROMPT_COLUMNS` that the source has.
 """
 
 from __future__ import annotations

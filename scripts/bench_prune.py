@@ -111,7 +111,8 @@ def bench_sd15(repeats: int) -> str:
     gc.collect()
     return ("SD 1.5 UNet architecture (random weights).\n\nMACs and UNet forward at 32x32 latents (256 px), batch "
             "1, 77 tokens (interleaved rounds, median of --repeats); 20-step sampling at 16x16 latents, batch 1 with "
-            "guidance (UNet batch 2), one interleaved timed round. Random weights: speed only, no quality.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n")
+            "guidance (UNet batch 2), one interleaved timed round. Random weights: speed only, no quality.\n\n"
+            + SPEED_HEAD + "\n".join(rows) + "\n")
 
 
 def shapes_quality(pipe, unet, scorer, items, seeds, reference) -> dict[str, float]:
@@ -177,7 +178,8 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
     settings = "".join(f"- {name}: {recovery_settings(path.parent)}\n" for name, path in found.items())
     return ("shapes-tiny.\n\nUNet forward at batch 32 (8x8 latents); 20-step sampling of 16 images with guidance "
             "(UNet batch 32). Models are timed in turn, round after round (interleaved): medians of --repeats "
-            "rounds (sampling: 3 rounds), speed-ups are ratios of medians from the same rounds.\n\n" + SPEED_HEAD + "\n".join(rows) + "\n\n"
+            "rounds (sampling: 3 rounds), speed-ups are ratios of medians from the same rounds.\n\n"
+            + SPEED_HEAD + "\n".join(rows) + "\n\n"
             f"Quality on {len(items)} held-out samples ({len(prompts)} prompts x 2 seeds, 20 DDIM steps, guidance 5); "
             "fidelity change relative to the original in brackets; FD = Frechet distance of tiny-CLIP image "
             "features to the original's samples.\n\n| model | gold fidelity | taste | proxy reward | FD |\n"

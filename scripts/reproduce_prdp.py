@@ -107,7 +107,8 @@ def table(arms: list[Arm], results: dict[str, list[dict]]) -> str:
     keys = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
             ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
             ("min_gold", "worst Δ gold during run")]
-    lines = ["| run | " + " | ".join(label for _, label in keys) + " | train minutes |", "|---" * (len(keys) + 2) + "|"]
+    lines = ["| run | " + " | ".join(label for _, label in keys) + " | train minutes |",
+             "|---" * (len(keys) + 2) + "|"]
     for arm in arms:
         rows = results[arm.name]
         lines.append(f"| {arm.name} | " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in keys)
@@ -135,8 +136,8 @@ def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, st
         c, n = m["prdp_small"], m["prdp_small_noclip"]
         ok = n["min_gold"] < c["min_gold"] and n["d_eval_gold"] < c["d_eval_gold"]
         out[3] = (f"{'Reproduced' if ok else 'Not reproduced'}: without clipping Δgold {n['d_eval_gold']:+.3f} "
-                  f"(worst {n['min_gold']:+.3f}) vs with clipping {c['d_eval_gold']:+.3f} (worst {c['min_gold']:+.3f}) "
-                  "(rule: no-clip ends lower and dips lower).")
+                  f"(worst {n['min_gold']:+.3f}) vs with clipping {c['d_eval_gold']:+.3f} "
+                  f"(worst {c['min_gold']:+.3f}) (rule: no-clip ends lower and dips lower).")
     names = [beta_arm(b).name for b in sorted(betas)]
     if len(names) >= 2 and all(n in m for n in names):
         proxy = [m[n]["d_eval_reward"] for n in names]

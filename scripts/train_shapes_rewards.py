@@ -5,9 +5,10 @@
 Like HPSv2 and PickScore, which learn from noisy human choices between two images of the same prompt, the proxy
 learns from **noisy pairwise labels**: for two images of one prompt, "a is preferred" is drawn with probability
 ``sigmoid((gold_a - gold_b) / temperature)``. Candidate images are renders whose attributes partly match the prompt,
-half of them passed through the shapes-tiny VAE (generated images look like that). The tiny CLIP is finetuned with a preference head (Bradley-Terry loss). Held-out
-pairwise accuracy against gold (and the accuracy of the noisy labels themselves, the "single human" row) goes to
-BENCHMARKS.md; the model is written to rewardtune/assets/shapes-preference.
+half of them passed through the shapes-tiny VAE (generated images look like that). The tiny CLIP is finetuned with
+a preference head (Bradley-Terry loss). Held-out pairwise accuracy against gold (and the accuracy of the noisy labels
+themselves, the "single human" row) goes to BENCHMARKS.md; the model is written to
+rewardtune/assets/shapes-preference.
 """
 
 from __future__ import annotations

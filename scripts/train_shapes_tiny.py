@@ -45,7 +45,9 @@ def _log_offset(path: Path) -> tuple[int, float]:
 
 
 def _log_step(fh, step: int, t0: float, **values) -> None:
-    record = {"step": step, "seconds": round(time.time() - t0, 1), **{k: round(float(v), 6) for k, v in values.items()}}
+    record = {
+        "step": step, "seconds": round(time.time() - t0, 1), **{k: round(float(v), 6) for k, v in values.items()}
+    }
     fh.write(json.dumps(record) + "\n")
     fh.flush()
     log.info(" ".join(f"{k}={v}" for k, v in record.items()))

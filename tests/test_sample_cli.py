@@ -100,7 +100,11 @@ def test_missing_and_unknown_models(tmp_path, capsys):
     assert "unknown model 'no-such-model'" in err and "shapes-tiny" in err and "sd15" in err
     assert run_cli("sample", "--model", "someorg/missing-pipeline", "--prompt", "x", "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err.strip()
-    assert "someorg/missing-pipeline" in err and "hf download someorg/missing-pipeline" in err and len(err.splitlines()) == 1
+    assert (
+        "someorg/missing-pipeline" in err
+        and "hf download someorg/missing-pipeline" in err
+        and len(err.splitlines()) == 1
+    )
     (tmp_path / "empty_folder").mkdir()
     assert run_cli("sample", "--model", tmp_path / "empty_folder", "--prompt", "x", "--out", tmp_path / "o") == 2
     assert "no model_index.json" in capsys.readouterr().err

@@ -4,13 +4,18 @@
     features = extractor.embed(frames)            # batched, no_grad, float32 on CPU
     spec = extractor.spec()                       # json-able; load_extractor(**spec) rebuilds the same extractor
 
-| name | features |
-|---|---|
-| ``inception_v3`` | torchvision Inception v3, activations of Mixed_5b..Mixed_7c (the paper's choice); ``pooled=True`` (default) averages each channel over space (10,048 dims), ``pooled=False`` keeps every spatial activation (2,473,024 dims at 299 px). Weights: ``weights="imagenet"`` (torchvision's usual download or cache), a local state-dict file, or ``"random"`` (seeded; tests and speed runs) |
-| ``openclip:<model>`` | an open_clip image tower's embedding; ``<model>`` is an architecture name or a model-config JSON, weights from ``pretrained=TAG`` or ``checkpoint=FILE`` |
-| ``shapes-clip`` | the shapes world's tiny CLIP image embedding (shipped with the package) |
-| ``random-cnn`` | a seeded random ReLU convnet (4 stride-2 conv layers); channel means of every layer plus a 4x4 grid of the last |
-| ``pixels`` | the frame resized (antialiased) to ``size x size``, values in [0,1] |
+Extractors (name: features):
+
+- ``inception_v3``: torchvision Inception v3, activations of Mixed_5b..Mixed_7c (the paper's choice); ``pooled=True``
+  (default) averages each channel over space (10,048 dims), ``pooled=False`` keeps every spatial activation
+  (2,473,024 dims at 299 px). Weights: ``weights="imagenet"`` (torchvision's usual download or cache), a local
+  state-dict file, or ``"random"`` (seeded; tests and speed runs)
+- ``openclip:<model>``: an open_clip image tower's embedding; ``<model>`` is an architecture name or a model-config
+  JSON, weights from ``pretrained=TAG`` or ``checkpoint=FILE``
+- ``shapes-clip``: the shapes world's tiny CLIP image embedding (shipped with the package)
+- ``random-cnn``: a seeded random ReLU convnet (4 stride-2 conv layers); channel means of every layer plus a 4x4 grid
+  of the last
+- ``pixels``: the frame resized (antialiased) to ``size x size``, values in [0,1]
 
 Heavy libraries (torchvision models, open_clip, transformers) are imported only by the extractor that needs them.
 Raw Inception activations are ~10 MB per frame in float32: fit them on few, short demos (or use ``pooled=True``).

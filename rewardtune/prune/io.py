@@ -59,7 +59,9 @@ def _set_attributes(unet: nn.Module, modules: dict[str, dict], folder: Path) -> 
             raise UserError(f"pruned UNet {str(folder)!r} does not match its config: no module {name!r}")
         for key, value in attrs.items():
             current = getattr(names[name], key, None)
-            setattr(names[name], key, tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value)
+            setattr(
+                names[name], key, tuple(value) if isinstance(current, tuple) and isinstance(value, list) else value
+            )
 
 
 def _shape_parameters(unet: nn.Module, state: dict[str, torch.Tensor], folder: Path) -> None:

@@ -21,7 +21,11 @@ LATENT_CHANNELS = 4
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP byte -> printable unicode map (the same table ``CLIPTokenizer`` uses)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -108,7 +112,8 @@ def vae_model():
 
 
 def unet_model():
-    """A tiny ``UNet2DConditionModel`` (4.2M parameters) on 8x8x4 latents with cross-attention to the 96-wide text states."""
+    """A tiny ``UNet2DConditionModel`` (4.2M parameters) on 8x8x4 latents with cross-attention to the 96-wide text
+    states."""
     from diffusers import UNet2DConditionModel
 
     return UNet2DConditionModel(

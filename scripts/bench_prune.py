@@ -28,8 +28,8 @@ from rewardtune.diffusion import encode_prompts, generators_for, load_pipeline, 
 from rewardtune.prompts import read_prompts
 from rewardtune.prune import prune_unet
 from rewardtune.prune.common import count_macs, count_params, example_inputs
-from rewardtune.prune.masks import masks_of, sparsity
 from rewardtune.prune.evaluate import ShapesQuality, sample_images
+from rewardtune.prune.masks import masks_of, sparsity
 from rewardtune.utils.benchmarks import command_line, header, update_section
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,8 +13,7 @@ import argparse
 
 import torch
 
-from rewardtune.diffusion import encode_prompts, generators_for, load_pipeline, sample_trajectories
-from rewardtune.diffusion import sampling
+from rewardtune.diffusion import encode_prompts, generators_for, load_pipeline, sample_trajectories, sampling
 from rewardtune.utils.benchmarks import command_line, header, median_seconds, update_section
 
 

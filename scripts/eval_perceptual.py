@@ -29,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rewardtune.perceptual.constants import DEFAULT_OBJECTIVE, OBJECTIVES  # noqa: E402
 from rewardtune.perceptual.demos import TASKS, make_mountaincar, mountaincar_rollout, procedural_rollout  # noqa
 from rewardtune.perceptual.features import load_extractor  # noqa: E402
-from rewardtune.perceptual.metrics import (ordered_random_jaccards, random_detector_jaccards, spearman,  # noqa
-                                           step_jaccards)
+from rewardtune.perceptual.metrics import ordered_random_jaccards, random_detector_jaccards, spearman, step_jaccards  # noqa
 from rewardtune.perceptual.policy_search import policy_search, tabulate_position_reward, true_return  # noqa
 from rewardtune.perceptual.reward import PerceptualReward, default_min_size  # noqa: E402
 from rewardtune.perceptual.steps import discover_steps, labels_from_splits  # noqa: E402

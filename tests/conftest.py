@@ -44,6 +44,19 @@ def build_tiny_pipeline(folder):
     return folder / "pipe"
 
 
+# The integration tier: tests that run whole commands or jobs end to end (the rest are unit tests of one piece).
+INTEGRATION = ("reliability/", "_cli.py", "_run.py", "test_commands.py", "test_finetune_multiprocess.py",
+               "test_finetune_algorithm_registry.py", "test_prune_registry.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark the integration tier (``-m "not integration"`` runs the unit tests alone, in about a minute)."""
+    for item in items:
+        path = item.path.as_posix()
+        if any(part in path for part in INTEGRATION):
+            item.add_marker(pytest.mark.integration)
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))

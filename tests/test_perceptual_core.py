@@ -15,9 +15,14 @@ from rewardtune.perceptual import discover_steps
 from rewardtune.perceptual.demos import TASKS, procedural_rollout
 from rewardtune.perceptual.features import load_extractor
 from rewardtune.perceptual.metrics import jaccard, ordered_random_labels, spearman, step_jaccards
-from rewardtune.perceptual.reward import (PerceptualReward, combine_steps, fit_step_models,
-                                          gaussian_log_likelihood, selection_scores, shape_difference)
-
+from rewardtune.perceptual.reward import (
+    PerceptualReward,
+    combine_steps,
+    fit_step_models,
+    gaussian_log_likelihood,
+    selection_scores,
+    shape_difference,
+)
 
 # --- step discovery --------------------------------------------------------------------------------------------
 

@@ -5,11 +5,23 @@ import pytest
 import torch
 
 from rewardtune.shapes.captions import (
-    caption, check_heldout, make_prompt_set, parse_prompt, small_prompt_set,
+    caption,
+    check_heldout,
+    make_prompt_set,
+    parse_prompt,
+    small_prompt_set,
 )
 from rewardtune.shapes.oracle import gold_scores, images_from_uint8, read_images
 from rewardtune.shapes.world import (
-    BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, is_heldout_combo, render, sample_scenes,
+    BACKGROUNDS,
+    COLORS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    is_heldout_combo,
+    render,
+    sample_scenes,
 )
 
 

@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-
 from test_run_folder import args
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,5 @@
 """Old import path of the ``sample`` command (:mod:`rewardtune.commands.sample`); images come from the sampling
-service :mod:`rewardtune.diffusion.generate`."""
+service :mod:`rewardtune.diffusion.service`."""
 
 from rewardtune.commands.sample import SampleConfig, prepare_out_dir, run_sample
 

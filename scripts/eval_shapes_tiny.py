@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rewardtune.diffusion.generate import generate
 from rewardtune.diffusion.loading import load_pipeline
+from rewardtune.diffusion.service import generate
 from rewardtune.diffusion.settings import SamplerSettings
 from rewardtune.prompts import read_prompts
 from rewardtune.shapes.captions import parse_prompt

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import torch
 
-from rewardtune.diffusion.generate import generate
 from rewardtune.diffusion.loading import load_pipeline
+from rewardtune.diffusion.service import generate
 from rewardtune.diffusion.settings import SamplerSettings
 from rewardtune.models_table import ASSETS
 from rewardtune.shapes.oracle import read_images

@@ -230,7 +230,7 @@ def grid_images(num_prompts: int, per_prompt: int, limit: int = GRID_MAX) -> tup
 def image_batches(pipe, prompts: list[str], cfg: SampleConfig) -> Iterator:
     """Images ``[b,3,H,W]`` in [0,1] from the sampling service, ``num_images`` per prompt (image k from seed
     ``seed + k``), batch by batch."""
-    from rewardtune.diffusion.generate import generate_batches
+    from rewardtune.diffusion.service import generate_batches
 
     n = cfg.num_images
     for first in range(0, len(prompts), PROMPT_CHUNK):

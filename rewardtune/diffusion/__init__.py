@@ -1,5 +1,5 @@
 """Diffusion: pipeline loading, the step with log-probability, trajectory sampling, the sampling service
-(:mod:`rewardtune.diffusion.generate`) and re-scoring of stored transitions (:mod:`rewardtune.diffusion.rescore`).
+(:mod:`rewardtune.diffusion.service`) and re-scoring of stored transitions (:mod:`rewardtune.diffusion.rescore`).
 
 Attributes load on first use, so :mod:`rewardtune.diffusion.settings` (the typed sampler settings) imports without
 torch.
@@ -13,7 +13,7 @@ _EXPORTS = {
     "Trajectory": "sampling", "decode_latents": "sampling", "encode_prompts": "sampling",
     "generators_for": "sampling", "sample_trajectories": "sampling",
     "SamplerSettings": "settings", "SCHEDULER_FAMILIES": "settings",
-    "Generated": "generate", "generate": "generate", "generate_batches": "generate",
+    "Generated": "service", "generate": "service", "generate_batches": "service",
     "trajectory_log_probs": "rescore",
 }
 

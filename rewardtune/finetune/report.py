@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rewardtune.diffusion.generate import generate
+from rewardtune.diffusion.service import generate
 from rewardtune.finetune.config import SamplingConfig
 from rewardtune.utils.images import make_grid, save_png
 from rewardtune.utils.io import atomic_write_text, dumps_json

@@ -22,8 +22,8 @@ from typing import Callable, Literal, Sequence, Union
 
 import torch
 
-from rewardtune.diffusion.generate import generate_batches
 from rewardtune.diffusion.rescore import trajectory_log_probs
+from rewardtune.diffusion.service import generate_batches
 from rewardtune.finetune.config import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
         seeds: one per sample (``N*B``, group-major) or an int ``s`` meaning ``s, s+1, ...``.
         reference: see the module docstring.
 
-    Sampling runs through :func:`rewardtune.diffusion.generate.generate_batches` in chunks of ``cfg.batch_size``
+    Sampling runs through :func:`rewardtune.diffusion.service.generate_batches` in chunks of ``cfg.batch_size``
     samples, each scored as it finishes.
     """
     prompts = list(prompts)

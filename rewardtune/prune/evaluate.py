@@ -27,7 +27,7 @@ def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, g
                   batch_size: int = 64) -> torch.Tensor:
     """Images ``[N,3,H,W]`` in [0,1] of ``prompts[i]`` from ``seeds[i]`` through the sampling service (DDIM,
     eta 0)."""
-    from rewardtune.diffusion.generate import generate
+    from rewardtune.diffusion.service import generate
     from rewardtune.diffusion.settings import SamplerSettings
 
     settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)

@@ -51,8 +51,8 @@ def teacher_data(pipe, prompts: list[str], seeds: list[int], steps: int = 20, gu
                  batch_size: int = 64, progress: Callable[[int], None] | None = None) -> DistillData:
     """Latents sampled by the (unpruned) pipeline for ``prompts[i]`` from ``seeds[i]`` (DDIM, eta 0), with the
     prompts' text states, from the sampling service (no decoding)."""
-    from rewardtune.diffusion.generate import generate
     from rewardtune.diffusion.sampling import encode_prompts
+    from rewardtune.diffusion.service import generate
     from rewardtune.diffusion.settings import SamplerSettings
 
     settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)

@@ -93,9 +93,9 @@ def test_score_writes_rows_incrementally_and_never_a_half_file(tmp_path, monkeyp
 
 
 def test_sample_writes_each_batch_as_it_finishes(tiny_pipeline_dir, tmp_path, monkeypatch):
-    from rewardtune.diffusion import generate
+    from rewardtune.diffusion import service
 
-    out, seen, calls, real_decode = tmp_path / "out", [], [0], generate.decode_latents
+    out, seen, calls, real_decode = tmp_path / "out", [], [0], service.decode_latents
 
     def crash_on_third(pipe, latents):
         calls[0] += 1
@@ -104,7 +104,7 @@ def test_sample_writes_each_batch_as_it_finishes(tiny_pipeline_dir, tmp_path, mo
             raise RuntimeError("out of memory")
         return real_decode(pipe, latents)
 
-    monkeypatch.setattr(generate, "decode_latents", crash_on_third)
+    monkeypatch.setattr(service, "decode_latents", crash_on_third)
     with pytest.raises(RuntimeError, match="out of memory"):
         run_cli("sample", "--model", tiny_pipeline_dir, "--prompt", "a red circle", "--num-images", 4,
                 "--steps", 1, "--batch-size", 1, "--out", out)
@@ -311,12 +311,12 @@ def test_score_checks_dtype_and_device_before_loading(tmp_path, capsys, monkeypa
 # 10. failed sample cleans up only its own folder ----------------------------------------------------------------
 
 def test_failed_sample_never_deletes_what_it_did_not_write(tiny_pipeline_dir, tmp_path, monkeypatch):
-    from rewardtune.diffusion import generate
+    from rewardtune.diffusion import service
 
     def fail(pipe, latents):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(generate, "decode_latents", fail)
+    monkeypatch.setattr(service, "decode_latents", fail)
     out = tmp_path / "keep"
     out.mkdir()
     (out / "precious.txt").write_text("mine")

@@ -84,13 +84,29 @@ def apply_optim_config(optimizer: torch.optim.Optimizer, cfg: OptimConfig) -> No
         group.update(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def _loss_and_backward(unet, scheduler, rollouts: Rollouts, batch: Minibatch, loss_fn: Callable, cfg: FinetuneConfig,
-                       backward: Callable) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@dataclass
+class StepContext:
+    """What every gradient step of an epoch shares: the trained ``unet`` (maybe wrapped), its ``optimizer``, the
+    ``scheduler`` that sampled the rollouts, the config, the algorithm, and the ``backward`` / ``clip_grad_norm``
+    hooks (accelerate's in a run)."""
+
+    unet: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    cfg: FinetuneConfig
+    algorithm: Algorithm
+    backward: Callable
+    clip_grad_norm: Callable
+
+
+def _loss_and_backward(ctx: StepContext, rollouts: Rollouts, batch: Minibatch, loss_fn: Callable
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``batch`` and, if it is finite, its gradient in the parameters' ``.grad``.
 
     Returns ``(loss, clipfrac, log_probs [n,k] detached)``.
     """
-    guidance, eta, chunk = cfg.sampling.guidance, cfg.sampling.eta, cfg.forward_chunk
+    unet, scheduler, backward = ctx.unet, ctx.scheduler, ctx.backward
+    guidance, eta, chunk = ctx.cfg.sampling.guidance, ctx.cfg.sampling.eta, ctx.cfg.forward_chunk
     if batch.steps.numel() <= chunk:  # one UNet call: plain backward
         log_probs = trajectory_log_probs(unet, scheduler, rollouts, batch.index, batch.steps, guidance, eta)
         loss, clipfrac = loss_fn(log_probs)
@@ -113,21 +129,20 @@ def _loss_and_backward(unet, scheduler, rollouts: Rollouts, batch: Minibatch, lo
     return loss.detach(), clipfrac.detach(), values
 
 
-def gradient_step(unet, optimizer, scheduler, rollouts: Rollouts, batch: Minibatch, targets: torch.Tensor,
-                  cfg: FinetuneConfig, algorithm: Algorithm, backward: Callable, clip_grad_norm: Callable
-                  ) -> dict[str, float]:
+def gradient_step(ctx: StepContext, rollouts: Rollouts, batch: Minibatch, targets: torch.Tensor) -> dict[str, float]:
     """One optimiser step on ``batch``; a non-finite loss or gradient norm is skipped (no update, grads cleared).
 
     Returns ``{loss, clipfrac, approx_kl, grad_norm, skipped}``; ``approx_kl = 0.5 * mean((l - l_old)^2)``.
     """
-    sync_timesteps(scheduler, rollouts.timesteps)
+    optimizer, algorithm = ctx.optimizer, ctx.algorithm
+    sync_timesteps(ctx.scheduler, rollouts.timesteps)
     device = rollouts.log_probs_old.device
     rows, cols = batch.index[:, None].to(device), batch.steps.to(device)
     old, ref = rollouts.log_probs_old[rows, cols], rollouts.log_probs_ref[rows, cols]
     batch_targets = targets.to(device)[batch.index.to(device)]
     optimizer.zero_grad(set_to_none=True)
     loss, clipfrac, log_probs = _loss_and_backward(
-        unet, scheduler, rollouts, batch, lambda lp: algorithm.loss(lp, old, ref, batch_targets), cfg, backward)
+        ctx, rollouts, batch, lambda lp: algorithm.loss(lp, old, ref, batch_targets))
     approx_kl = 0.5 * ((log_probs - old) ** 2).mean()
     record = {"loss": loss.item(), "clipfrac": clipfrac.item(), "approx_kl": approx_kl.item(),
               "grad_norm": float("nan"), "skipped": 0.0}
@@ -135,7 +150,7 @@ def gradient_step(unet, optimizer, scheduler, rollouts: Rollouts, batch: Minibat
         optimizer.zero_grad(set_to_none=True)
         return {**record, "skipped": 1.0}
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    record["grad_norm"] = float(clip_grad_norm(params, cfg.optim.max_grad_norm))
+    record["grad_norm"] = float(ctx.clip_grad_norm(params, ctx.cfg.optim.max_grad_norm))
     if not math.isfinite(record["grad_norm"]):
         optimizer.zero_grad(set_to_none=True)
         return {**record, "skipped": 1.0}
@@ -197,8 +212,8 @@ def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algor
     targets = algorithm.targets(rollouts)
     passes = plan_minibatches(rollouts.num_groups, rollouts.images_per_prompt, rollouts.num_steps, cfg,
                               algorithm.whole_groups, generator)
-    records = [gradient_step(unet, optimizer, scheduler, rollouts, batch, targets, cfg, algorithm, backward,
-                             clip_grad_norm) for minibatches in passes for batch in minibatches]
+    ctx = StepContext(unet, optimizer, scheduler, cfg, algorithm, backward, clip_grad_norm)
+    records = [gradient_step(ctx, rollouts, batch, targets) for minibatches in passes for batch in minibatches]
     return summarise(records, nonfinite_targets=int((~torch.isfinite(targets)).sum()))
 
 

@@ -272,12 +272,12 @@ def test_a_learned_perceptual_reward_finetunes(tiny_pipeline_dir, tmp_path):
 
 
 def test_a_full_disk_anywhere_else_is_one_line_with_exit_1(tiny_pipeline_dir, tmp_path, capsys, monkeypatch):
-    from rewardtune.finetune import run
+    from rewardtune.finetune import trainer
 
     def no_space(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "r" / "final"))
 
-    monkeypatch.setattr(run, "save_final_model", no_space)
+    monkeypatch.setattr(trainer, "save_final_model", no_space)
     assert main(args(tiny_pipeline_dir, tmp_path / "r")) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (f"rewardtune: error: No space left on device while writing {tmp_path / 'r' / 'final'}; free "

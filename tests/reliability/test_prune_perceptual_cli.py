@@ -275,7 +275,8 @@ def test_help_and_models_import_no_torch():
     code = textwrap.dedent("""
         import contextlib, io, sys
         from rewardtune.cli import main
-        for argv in (["--help"], ["prune", "--help"], ["perceptual", "demos", "--help"], ["models"]):
+        for argv in (["--help"], ["prune", "--help"], ["perceptual", "demos", "--help"], ["sample", "--help"],
+                     ["score", "--help"], ["models"]):
             with contextlib.redirect_stdout(io.StringIO()) as out:
                 try:
                     main(argv)

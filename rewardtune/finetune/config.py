@@ -148,6 +148,9 @@ class RunConfig:
     and grid every that many epochs (and after the last); ``keep_last``: checkpoints kept. ``mixed_precision``:
     autocast of the UNet forward by accelerate (weights and optimizer stay fp32; log-probs are computed in fp32);
     ``gradient_checkpointing``: recompute UNet activations in the backward pass (less memory, ~30 % more time).
+    ``log_with``: null/none, tensorboard or wandb: the accelerate tracker that also gets each epoch's metrics and
+    every evaluation grid (TensorBoard writes event files to output_dir/rewardtune, appended to on resume; needs
+    pip install tensorboard or pip install wandb); it may change on resume.
     """
 
     model: str = field(default="shapes-tiny", metadata=PATH)
@@ -174,6 +177,7 @@ class RunConfig:
     eval_prompts: list[str] = field(default_factory=_default_eval_prompts)
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     device: str = "cpu"
+    log_with: str | None = None
     train: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
@@ -195,3 +199,5 @@ class RunConfig:
         require(bool(self.eval_seeds) and all(s >= 0 for s in self.eval_seeds), "eval_seeds",
                 "a non-empty list of seeds >= 0", self.eval_seeds)
         require(bool(str(self.output_dir).strip()), "output_dir", "a folder path", self.output_dir)
+        require(self.log_with in (None, "none", "tensorboard", "wandb"), "log_with",
+                "null, 'none', 'tensorboard' or 'wandb'", self.log_with)

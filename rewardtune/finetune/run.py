@@ -3,13 +3,14 @@ it to the trainer recipe (:class:`rewardtune.finetune.trainer.Trainer`, which do
 
 Run directory: ``config.yaml``, ``metrics.jsonl``, ``eval.jsonl``, ``reward_curve.png``, ``grids/epoch_NNNN.png``,
 ``before_after.png``, ``summary.json``, ``checkpoints/epoch_N/``, ``final/`` (a pipeline folder, or LoRA weights
-for ``pipe.load_lora_weights``), and the ownership files ``.rewardtune_run.json`` and ``.lock``
-(:mod:`rewardtune.utils.runfolder`).
+for ``pipe.load_lora_weights``), the ownership files ``.rewardtune_run.json`` and ``.lock``
+(:mod:`rewardtune.utils.runfolder`), and with ``log_with=tensorboard`` the event files of ``rewardtune/``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,13 +18,17 @@ from pathlib import Path
 from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import resume_candidates
 from rewardtune.finetune.config import RunConfig
-from rewardtune.finetune.trainer import LORA_TARGETS
+from rewardtune.finetune.trainer import LORA_TARGETS, tracker_name
 
 logger = logging.getLogger(__name__)
 
 
 #: Settings that may differ when a run is resumed: where and how it runs, not what it computes.
-RESUMABLE_FREELY = ("output_dir", "resume", "resume_allow_changes", "keep_last", "device")
+RESUMABLE_FREELY = ("output_dir", "resume", "resume_allow_changes", "keep_last", "device", "log_with")
+
+#: ``log_with`` value -> (importable modules, any of which will do; the install command named when none is).
+TRACKER_PACKAGES = {"tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard"),
+                    "wandb": (("wandb",), "pip install wandb")}
 
 
 @dataclass
@@ -62,6 +67,22 @@ def run_settings(cfg: RunConfig) -> dict:
     return {k: v for k, v in to_dict(cfg).items() if k not in RESUMABLE_FREELY}
 
 
+def module_available(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_tracker(cfg: RunConfig) -> None:
+    """Fail with one line naming the install command when ``log_with``'s package is missing (accelerate would
+    silently drop the tracker)."""
+    name = tracker_name(cfg)
+    if name is None:
+        return
+    modules, install = TRACKER_PACKAGES[name]
+    if not any(module_available(m) for m in modules):
+        raise UserError(f"log_with={name} needs the {modules[0]} package, which is not installed: run "
+                        f"`{install}` or set log_with=null")
+
+
 def _check_allowed_changes(cfg: RunConfig, settings: dict) -> None:
     from rewardtune.utils.runfolder import flatten
 
@@ -78,6 +99,7 @@ def validate_run(cfg: RunConfig, num_processes: int = 1) -> RunPlan:
     from rewardtune.utils.devices import resolve_device
 
     train = cfg.train
+    check_tracker(cfg)
     resolve_device(cfg.device)
     check_reward_spec(train.reward, "train.reward")
     if cfg.gold_reward is not None:
@@ -108,7 +130,9 @@ def run_finetune(cfg: RunConfig) -> dict:
     from rewardtune.finetune.trainer import Trainer
     from rewardtune.utils.runfolder import claim_run_folder
 
-    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision)
+    check_tracker(cfg)  # before the accelerator, which would drop a tracker whose package is missing
+    accelerator = Accelerator(cpu=cfg.device == "cpu", mixed_precision=cfg.mixed_precision,
+                              log_with=tracker_name(cfg), project_dir=cfg.output_dir)
     plan = validate_run(cfg, accelerator.num_processes)
     owner = contextlib.nullcontext()
     if accelerator.is_main_process:

@@ -15,6 +15,9 @@ Each epoch ``e`` (0-based):
 5. append one line to ``metrics.jsonl``, redraw ``reward_curve.png``; every ``save_every`` epochs write a
    checkpoint (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the fixed evaluation prompts and seeds.
 
+With ``log_with`` the epoch records (numeric scalars, ``reward_components/NAME``), the evaluation scores
+(``eval/KEY``) and grids (``eval/grid``) also go to accelerate's tracker, at step = completed epochs.
+
 With several processes each process takes a contiguous block of N / P whole prompt groups; the UNet is wrapped by
 ``accelerator.prepare`` (DDP averages the gradients) and only the main process writes files.
 """
@@ -64,6 +67,39 @@ logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 HELDOUT_KEYS = ("heldout_reward", "heldout_gold")
+TRACKER_PROJECT = "rewardtune"  # accelerate's run name: TensorBoard writes to output_dir/rewardtune
+
+
+def tracker_name(cfg: RunConfig) -> str | None:
+    """The accelerate tracker of ``cfg.log_with`` (None for null or ``none``)."""
+    return None if cfg.log_with in (None, "none") else cfg.log_with
+
+
+def tracker_scalars(record: dict, prefix: str = "") -> dict[str, float | int]:
+    """The numeric scalars of a metrics record, nested dicts flattened as ``KEY/NAME``; ``epoch`` (the step),
+    None and non-numbers left out."""
+    scalars: dict[str, float | int] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            scalars.update(tracker_scalars(value, f"{prefix}{key}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
+            scalars[prefix + key] = value
+    return scalars
+
+
+def tracker_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
+    """The run's config as flat ``{dotted key: scalar}`` (lists as their text, None left out) for hyperparameter
+    tables."""
+    from rewardtune.config import to_dict
+    from rewardtune.utils.runfolder import flatten
+
+    flat = {}
+    for key, value in flatten(to_dict(cfg)).items():
+        if isinstance(value, (bool, int, float, str)):
+            flat[key] = value
+        elif isinstance(value, (list, tuple)):
+            flat[key] = str(list(value))
+    return flat
 
 
 def seed_everything(seed: int) -> None:
@@ -216,9 +252,51 @@ class Trainer:
                                 "resume_allow_changes=[train.optim.lr])") from None
 
     def evaluate(self, epoch: int, heldout_scores: dict[str, float] | None = None) -> dict:
-        """The fixed evaluation grid and scores of the current model (see :func:`report.evaluate`)."""
-        return evaluate(self.pipe, self.scorers, self.evals, self.plan.heldout, self.cfg.train.sampling, self.out,
-                        epoch, heldout_scores)
+        """The fixed evaluation grid and scores of the current model (see :func:`report.evaluate`), also sent to
+        the tracker."""
+        record = evaluate(self.pipe, self.scorers, self.evals, self.plan.heldout, self.cfg.train.sampling,
+                          self.out, epoch, heldout_scores)
+        if tracker_name(self.cfg) is not None:
+            self.accelerator.log(tracker_scalars(record, "eval/"), step=epoch)
+            self.track_grid(self.out / "grids" / f"epoch_{epoch:04d}.png", epoch)
+        return record
+
+    def start_trackers(self, start: int) -> None:
+        """``accelerator.init_trackers`` on the main process with the flat config. A resumed run appends to the
+        same TensorBoard folder; events its crashed predecessor logged after the checkpoint are purged."""
+        name = tracker_name(self.cfg)
+        if name is None or not self.main:
+            return
+        init = {"tensorboard": {"purge_step": start + 1}} if start else {}
+        if name == "wandb":
+            init = {"wandb": {"dir": str(self.out), "name": self.out.name}}
+        self.accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(self.cfg), init_kwargs=init)
+
+    def stop_trackers(self, failed: bool = False) -> None:
+        """Close the trackers: ``accelerator.end_training()`` after a finished run; after a failure only the
+        trackers are closed (their files flushed), leaving the process group to the error."""
+        if tracker_name(self.cfg) is None:
+            return
+        if failed:
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+            self.accelerator.trackers = []
+            return
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+
+    def track_grid(self, path: Path, epoch: int) -> None:
+        """The evaluation grid image of ``epoch`` to the tracker (TensorBoard ``add_image``, ``wandb.Image``)."""
+        from PIL import Image
+
+        with Image.open(path) as image:
+            grid = image.convert("RGB")
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.writer.add_image("eval/grid", np.asarray(grid), global_step=epoch, dataformats="HWC")
+                tracker.writer.flush()
+            elif hasattr(tracker, "log_images"):
+                tracker.log_images({"eval/grid": [grid]}, step=epoch)
 
     def evaluate_if_missing(self, epoch: int) -> None:
         """Evaluate the model of ``epoch`` unless ``eval.jsonl`` has it: epoch 0 of a new run, or the resumed
@@ -252,18 +330,26 @@ class Trainer:
     def fit(self) -> dict:
         """Resume, then epochs with checkpoints and evaluations, then the final model; returns the summary."""
         start, began = self.resume(), time.perf_counter()
-        if self.main:
-            save_config(self.cfg, self.out / "config.yaml")
-            self.evaluate_if_missing(start)
-        log = MetricsLog(self.out, self.main, range(start, self.cfg.epochs), self.cfg.train.algorithm)
-        record = log.last(start)  # a finished run's last epoch, when there is nothing left to run
-        for epoch in log:
-            record = self.epoch(epoch)
-            log.append(record)
-            done = epoch + 1
-            if done % self.cfg.save_every == 0 or done == self.cfg.epochs:
-                self.checkpoint(done, record)
-        return self.finish(record, start, began)
+        self.start_trackers(start)
+        try:
+            if self.main:
+                save_config(self.cfg, self.out / "config.yaml")
+                self.evaluate_if_missing(start)
+            log = MetricsLog(self.out, self.main, range(start, self.cfg.epochs), self.cfg.train.algorithm,
+                             self.accelerator if tracker_name(self.cfg) else None)
+            record = log.last(start)  # a finished run's last epoch, when there is nothing left to run
+            for epoch in log:
+                record = self.epoch(epoch)
+                log.append(record)
+                done = epoch + 1
+                if done % self.cfg.save_every == 0 or done == self.cfg.epochs:
+                    self.checkpoint(done, record)
+            summary = self.finish(record, start, began)
+        except BaseException:
+            self.stop_trackers(failed=True)
+            raise
+        self.stop_trackers()
+        return summary
 
 
 def _add_trainable(pipe, cfg: RunConfig) -> Reference:
@@ -286,12 +372,13 @@ def _add_trainable(pipe, cfg: RunConfig) -> Reference:
 
 class MetricsLog:
     """The epochs to run with a progress bar (main process); each record goes to ``metrics.jsonl`` and
-    ``reward_curve.png`` and its rewards to the bar."""
+    ``reward_curve.png``, its numeric scalars to the trackers of ``accelerator`` (when given) and its rewards to
+    the bar."""
 
-    def __init__(self, out: Path, main: bool, epochs: range, algorithm: str) -> None:
+    def __init__(self, out: Path, main: bool, epochs: range, algorithm: str, accelerator=None) -> None:
         from tqdm.auto import tqdm
 
-        self.out, self.main = out, main
+        self.out, self.main, self.accelerator = out, main, accelerator
         self.bar = tqdm(epochs, desc=f"{algorithm} epochs", unit="epoch", disable=not main, initial=epochs.start,
                         total=epochs.stop)
 
@@ -308,6 +395,8 @@ class MetricsLog:
             return
         append_metrics(self.out / "metrics.jsonl", record)
         plot_reward_curve(self.out)
+        if self.accelerator is not None:
+            self.accelerator.log(tracker_scalars(record), step=record["epoch"])
         keys = {"reward": "reward_mean", "gold": "gold_reward", "heldout": "heldout_reward"}
         self.bar.set_postfix({k: f"{record[v]:.3g}" for k, v in keys.items()
                               if isinstance(record.get(v), float) and math.isfinite(record[v])})

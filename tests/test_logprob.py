@@ -100,3 +100,27 @@ def test_deterministic_step_has_undefined_log_prob_and_bad_input_is_rejected():
     fresh = DDIMScheduler(**scheduler_config())
     with pytest.raises(ValueError, match="set_timesteps"):
         ddim_step_with_logprob(fresh, x, 1, x)
+
+
+def test_a_zero_variance_last_step_is_a_point_mass_with_finite_gradient():
+    """set_alpha_to_one: the last step goes to alpha_prev = 1, its variance is 0, so x_0 = predicted x0 exactly and
+    the step's log-prob is 0 (not 0/0 = NaN, which would skip every minibatch holding it)."""
+    from diffusers import DDIMScheduler
+
+    from rewardtune.diffusion import ddim_step_with_logprob
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, set_alpha_to_one=True, clip_sample=False)
+    scheduler.set_timesteps(10)
+    last = scheduler.timesteps[-1]
+    torch.manual_seed(0)
+    x_t, eps = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8, requires_grad=True)
+    prev, log_prob = ddim_step_with_logprob(scheduler, eps, last, x_t, eta=1.0, generator=torch.Generator())
+    a = scheduler.alphas_cumprod[last]
+    torch.testing.assert_close(prev, (x_t - (1 - a).sqrt() * eps.detach()) / a.sqrt())
+    assert torch.equal(log_prob, torch.zeros(3))
+    log_prob.sum().backward()
+    assert torch.isfinite(eps.grad).all()
+    _, earlier = ddim_step_with_logprob(scheduler, eps.detach(), scheduler.timesteps[-2], x_t, eta=1.0,
+                                        generator=torch.Generator())
+    assert torch.isfinite(earlier).all() and (earlier != 0).all()

@@ -45,7 +45,9 @@ def ddim_step_with_logprob(
 
     Returns:
         ``(prev_sample [B,C,h,w], log_prob [B])``. ``log_prob`` is computed in at least float32; it is NaN for a
-        deterministic step (``eta == 0``), where the density is undefined.
+        deterministic sampler (``eta == 0``), where the density is undefined, and 0 (a point mass, no gradient)
+        for a step whose variance is zero at ``eta > 0`` (the last step of a scheduler with ``set_alpha_to_one``,
+        where the DDPO reference instead reuses ``alphas_cumprod[0]``).
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
@@ -90,7 +92,10 @@ def ddim_step_with_logprob(
         noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
         prev_sample = mean + std * noise
     target = prev_sample.detach().to(dtype)
-    log_prob = -((target - mean) ** 2) / (2 * std**2) - torch.log(std) - math.log(math.sqrt(2 * math.pi))
+    stochastic = std > 0  # a zero-variance step (eta 0, or set_alpha_to_one's last step) is a point mass
+    safe = torch.where(stochastic, std, torch.ones_like(std))  # no 0/0 in the value or the gradient
+    log_prob = -((target - mean) ** 2) / (2 * safe**2) - torch.log(safe) - math.log(math.sqrt(2 * math.pi))
+    log_prob = torch.where(stochastic, log_prob, torch.zeros_like(log_prob))
     log_prob = log_prob.mean(dim=tuple(range(1, log_prob.ndim)))
     if eta == 0:
         log_prob = torch.full_like(log_prob, float("nan"))

@@ -76,7 +76,7 @@ def test_run_directory_contents(full_run, tiny_pipeline_dir):
 
     with Image.open(out / "before_after.png") as both, Image.open(out / "grids" / "epoch_0000.png") as one:
         assert both.width > 2 * one.width and both.height > one.height
-    assert (out / "reward_curve.png").stat().st_size > 0
+    assert (out / "reward_curve.png").stat().st_size > 0 and (out / "kl_curve.png").stat().st_size > 0
     assert [e for e, _ in list_checkpoints(out)] == [2]  # keep_last=1
     assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]  # no temp folders left
     pipe = load_pipeline(str(out / "final"))

@@ -185,4 +185,36 @@ def plot_reward_curve(out: str | Path) -> Path | None:
     keys = [k for k in CURVE_KEYS if any(r.get(k) is not None for r in records)]
     if not keys:
         return None
-    return plot_curves(Path(out) / "metrics.jsonl", keys, Path(out) / "reward_curve.png", title="reward", x="epoch")
+    return plot_curves(Path(out) / "metrics.jsonl", keys, Path(out) / "reward_curve.png", x="epoch", smooth=5,
+                       title="reward per epoch (held-out: fixed prompts and seeds; training: faint, 5-epoch mean)")
+
+
+def plot_overoptimisation(out: str | Path) -> Path | None:
+    """``out/kl_curve.png``: gain of the proxy (trained) and the gold reward over epoch 1, against the drift of the
+    policy, measured as the per-step approximate KL to the sampling snapshot summed over all gradient steps
+    (``sum approx_kl * steps``): where the proxy keeps rising while gold turns down, the proxy is being hacked."""
+    from rewardtune.utils.plots import plot_against
+
+    records = read_metrics(Path(out) / "metrics.jsonl")
+    if len(records) < 2:
+        return None
+    drift, total = [], 0.0
+    for r in records:
+        total += (r.get("approx_kl") or 0.0) * (r.get("steps") or 0)
+        drift.append(total)
+    series = {}
+    for key, label in (("reward_mean", "proxy (training)"), ("heldout_reward", "proxy (held-out)"),
+                       ("gold_reward", "gold (training)"), ("heldout_gold", "gold (held-out)")):
+        first = records[0].get(key)
+        if first is not None:
+            series[label] = [None if r.get(key) is None else r[key] - first for r in records]
+    gold = {k: v for k, v in series.items() if k.startswith("gold")}
+    proxy = {k: v for k, v in series.items() if k.startswith("proxy")}
+    if not gold:
+        return plot_against(drift, proxy, Path(out) / "kl_curve.png", "summed approximate KL", "gain over epoch 1")
+    scale = max(max(abs(y) for y in ys if y is not None) for ys in proxy.values()) or 1.0
+    gscale = max(max(abs(y) for y in ys if y is not None) for ys in gold.values()) or 1.0
+    scaled = {f"{k} x{gscale / scale:.2g}": [None if y is None else y * gscale / scale for y in v]
+              for k, v in proxy.items()}
+    return plot_against(drift, {**scaled, **gold}, Path(out) / "kl_curve.png", "summed approximate KL",
+                        "gain over epoch 1", title="over-optimisation (proxy rescaled to gold's range)")

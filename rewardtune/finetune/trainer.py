@@ -53,6 +53,7 @@ from rewardtune.finetune.report import (
     before_after,
     epoch_metrics,
     evaluate,
+    plot_overoptimisation,
     plot_reward_curve,
     read_metrics,
     score_heldout,
@@ -395,6 +396,7 @@ class MetricsLog:
             return
         append_metrics(self.out / "metrics.jsonl", record)
         plot_reward_curve(self.out)
+        plot_overoptimisation(self.out)
         if self.accelerator is not None:
             self.accelerator.log(tracker_scalars(record), step=record["epoch"])
         keys = {"reward": "reward_mean", "gold": "gold_reward", "heldout": "heldout_reward"}

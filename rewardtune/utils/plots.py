@@ -30,8 +30,38 @@ def plot_curves(jsonl: str | Path, keys: list[str], out: str | Path, title: str 
         ax.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
+    return save_figure(fig, out)
+
+
+def save_figure(fig, out: str | Path) -> Path:
+    """Write a matplotlib figure to the PNG ``out`` atomically and close it."""
+    import matplotlib.pyplot as plt
+
+    from rewardtune.utils.io import atomic_path
+
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
-    return out
+    return Path(out)
+
+
+def plot_against(xs, series: dict[str, list], out: str | Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+    """One panel: each ``series`` (name -> values aligned with ``xs``, None for missing) against ``xs``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name, ys in series.items():
+        pts = [(x, y) for x, y in zip(xs, ys) if y is not None]
+        if pts:
+            ax.plot(*zip(*pts), marker=".", label=name)
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)

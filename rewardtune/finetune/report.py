@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 from rewardtune.diffusion.service import generate
 from rewardtune.finetune.config import SamplingConfig
 from rewardtune.utils.images import make_grid, save_png
-from rewardtune.utils.io import atomic_write_text, dumps_json
+from rewardtune.utils.io import atomic_write_json, atomic_write_text, dumps_json
 
 logger = logging.getLogger(__name__)
 
@@ -218,3 +219,23 @@ def plot_overoptimisation(out: str | Path) -> Path | None:
               for k, v in proxy.items()}
     return plot_against(drift, {**scaled, **gold}, Path(out) / "kl_curve.png", "summed approximate KL",
                         "gain over epoch 1", title="over-optimisation (proxy rescaled to gold's range)")
+
+
+def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int, seconds: float) -> dict:
+    """The run's summary (also written to ``out/summary.json``): the last epoch's headline metrics, the fixed
+    evaluation's before -> after scores (``eval_*`` on the grid prompts, ``heldout_*`` on unseen prompts), the
+    wall time and where things are."""
+    keys = ("reward_mean", "gold_reward", "heldout_reward", "loss", "skipped")
+    summary = {k: record[k] for k in keys if k in record and record[k] is not None}
+    summary.update(before_after(out))
+    summary.update(epochs_run=epochs - start, seconds=seconds, output_dir=str(out), final=str(final),
+                   comparison=str(out / "before_after.png"))
+    summary = _rounded(summary)
+    atomic_write_json(out / "summary.json", summary)
+    return summary
+
+
+def _rounded(value):
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value

@@ -18,7 +18,8 @@ from pathlib import Path
 from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import resume_candidates
 from rewardtune.finetune.config import RunConfig
-from rewardtune.finetune.trainer import LORA_TARGETS, tracker_name
+from rewardtune.finetune.tracking import tracker_name
+from rewardtune.finetune.trainer import LORA_TARGETS
 
 logger = logging.getLogger(__name__)
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -49,15 +48,13 @@ from rewardtune.finetune.config import FinetuneConfig, RunConfig
 from rewardtune.finetune.report import (
     EvalSet,
     Scorers,
-    append_metrics,
-    before_after,
     epoch_metrics,
     evaluate,
-    plot_overoptimisation,
-    plot_reward_curve,
     read_metrics,
     score_heldout,
+    summarise_run,
 )
+from rewardtune.finetune.tracking import MetricsLog, Trackers
 
 if TYPE_CHECKING:
     from rewardtune.finetune.algorithms import Algorithm
@@ -68,39 +65,6 @@ logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 HELDOUT_KEYS = ("heldout_reward", "heldout_gold")
-TRACKER_PROJECT = "rewardtune"  # accelerate's run name: TensorBoard writes to output_dir/rewardtune
-
-
-def tracker_name(cfg: RunConfig) -> str | None:
-    """The accelerate tracker of ``cfg.log_with`` (None for null or ``none``)."""
-    return None if cfg.log_with in (None, "none") else cfg.log_with
-
-
-def tracker_scalars(record: dict, prefix: str = "") -> dict[str, float | int]:
-    """The numeric scalars of a metrics record, nested dicts flattened as ``KEY/NAME``; ``epoch`` (the step),
-    None and non-numbers left out."""
-    scalars: dict[str, float | int] = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            scalars.update(tracker_scalars(value, f"{prefix}{key}/"))
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and key != "epoch":
-            scalars[prefix + key] = value
-    return scalars
-
-
-def tracker_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
-    """The run's config as flat ``{dotted key: scalar}`` (lists as their text, None left out) for hyperparameter
-    tables."""
-    from rewardtune.config import to_dict
-    from rewardtune.utils.runfolder import flatten
-
-    flat = {}
-    for key, value in flatten(to_dict(cfg)).items():
-        if isinstance(value, (bool, int, float, str)):
-            flat[key] = value
-        elif isinstance(value, (list, tuple)):
-            flat[key] = str(list(value))
-    return flat
 
 
 def seed_everything(seed: int) -> None:
@@ -173,6 +137,7 @@ class Trainer:
     scorers: Scorers
     out: Path
     evals: EvalSet
+    trackers: Trackers
 
     @classmethod
     def build(cls, cfg: RunConfig, plan: RunPlan, accelerator) -> Trainer:
@@ -192,8 +157,10 @@ class Trainer:
         unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
         reward = load_reward(cfg.train.reward, device=device).to(device).eval()
         gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
+        out = Path(cfg.output_dir)
         return cls(cfg, plan, accelerator, pipe, unet, optimizer, make_algorithm(cfg.train), reference,
-                   Scorers(reward, gold), Path(cfg.output_dir), EvalSet(cfg.eval_prompts, cfg.eval_seeds))
+                   Scorers(reward, gold), out, EvalSet(cfg.eval_prompts, cfg.eval_seeds),
+                   Trackers(cfg, accelerator, out))
 
     @property
     def main(self) -> bool:
@@ -257,47 +224,9 @@ class Trainer:
         the tracker."""
         record = evaluate(self.pipe, self.scorers, self.evals, self.plan.heldout, self.cfg.train.sampling,
                           self.out, epoch, heldout_scores)
-        if tracker_name(self.cfg) is not None:
-            self.accelerator.log(tracker_scalars(record, "eval/"), step=epoch)
-            self.track_grid(self.out / "grids" / f"epoch_{epoch:04d}.png", epoch)
+        self.trackers.log(record, epoch, prefix="eval/")
+        self.trackers.grid(self.out / "grids" / f"epoch_{epoch:04d}.png", epoch)
         return record
-
-    def start_trackers(self, start: int) -> None:
-        """``accelerator.init_trackers`` on the main process with the flat config. A resumed run appends to the
-        same TensorBoard folder; events its crashed predecessor logged after the checkpoint are purged."""
-        name = tracker_name(self.cfg)
-        if name is None or not self.main:
-            return
-        init = {"tensorboard": {"purge_step": start + 1}} if start else {}
-        if name == "wandb":
-            init = {"wandb": {"dir": str(self.out), "name": self.out.name}}
-        self.accelerator.init_trackers(TRACKER_PROJECT, config=tracker_config(self.cfg), init_kwargs=init)
-
-    def stop_trackers(self, failed: bool = False) -> None:
-        """Close the trackers: ``accelerator.end_training()`` after a finished run; after a failure only the
-        trackers are closed (their files flushed), leaving the process group to the error."""
-        if tracker_name(self.cfg) is None:
-            return
-        if failed:
-            for tracker in self.accelerator.trackers:
-                tracker.finish()
-            self.accelerator.trackers = []
-            return
-        self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
-
-    def track_grid(self, path: Path, epoch: int) -> None:
-        """The evaluation grid image of ``epoch`` to the tracker (TensorBoard ``add_image``, ``wandb.Image``)."""
-        from PIL import Image
-
-        with Image.open(path) as image:
-            grid = image.convert("RGB")
-        for tracker in self.accelerator.trackers:
-            if tracker.name == "tensorboard":
-                tracker.writer.add_image("eval/grid", np.asarray(grid), global_step=epoch, dataformats="HWC")
-                tracker.writer.flush()
-            elif hasattr(tracker, "log_images"):
-                tracker.log_images({"eval/grid": [grid]}, step=epoch)
 
     def evaluate_if_missing(self, epoch: int) -> None:
         """Evaluate the model of ``epoch`` unless ``eval.jsonl`` has it: epoch 0 of a new run, or the resumed
@@ -331,13 +260,13 @@ class Trainer:
     def fit(self) -> dict:
         """Resume, then epochs with checkpoints and evaluations, then the final model; returns the summary."""
         start, began = self.resume(), time.perf_counter()
-        self.start_trackers(start)
+        self.trackers.start(start)
         try:
             if self.main:
                 save_config(self.cfg, self.out / "config.yaml")
                 self.evaluate_if_missing(start)
             log = MetricsLog(self.out, self.main, range(start, self.cfg.epochs), self.cfg.train.algorithm,
-                             self.accelerator if tracker_name(self.cfg) else None)
+                             self.trackers)
             record = log.last(start)  # a finished run's last epoch, when there is nothing left to run
             for epoch in log:
                 record = self.epoch(epoch)
@@ -347,9 +276,9 @@ class Trainer:
                     self.checkpoint(done, record)
             summary = self.finish(record, start, began)
         except BaseException:
-            self.stop_trackers(failed=True)
+            self.trackers.stop(failed=True)
             raise
-        self.stop_trackers()
+        self.trackers.stop()
         return summary
 
 
@@ -371,39 +300,6 @@ def _add_trainable(pipe, cfg: RunConfig) -> Reference:
     return reference
 
 
-class MetricsLog:
-    """The epochs to run with a progress bar (main process); each record goes to ``metrics.jsonl`` and
-    ``reward_curve.png``, its numeric scalars to the trackers of ``accelerator`` (when given) and its rewards to
-    the bar."""
-
-    def __init__(self, out: Path, main: bool, epochs: range, algorithm: str, accelerator=None) -> None:
-        from tqdm.auto import tqdm
-
-        self.out, self.main, self.accelerator = out, main, accelerator
-        self.bar = tqdm(epochs, desc=f"{algorithm} epochs", unit="epoch", disable=not main, initial=epochs.start,
-                        total=epochs.stop)
-
-    def __iter__(self):
-        return iter(self.bar)
-
-    def last(self, epoch: int) -> dict:
-        """The logged record of ``epoch`` ({} when there is none)."""
-        records = read_metrics(self.out / "metrics.jsonl") if self.main else []
-        return next((r for r in records if r.get("epoch") == epoch), {})
-
-    def append(self, record: dict) -> None:
-        if not self.main:
-            return
-        append_metrics(self.out / "metrics.jsonl", record)
-        plot_reward_curve(self.out)
-        plot_overoptimisation(self.out)
-        if self.accelerator is not None:
-            self.accelerator.log(tracker_scalars(record), step=record["epoch"])
-        keys = {"reward": "reward_mean", "gold": "gold_reward", "heldout": "heldout_reward"}
-        self.bar.set_postfix({k: f"{record[v]:.3g}" for k, v in keys.items()
-                              if isinstance(record.get(v), float) and math.isfinite(record[v])})
-
-
 def base_model_name(model: str) -> str:
     """What a LoRA final folder names as its base: a registered name or hub id as given, a local folder as an
     absolute path (so the note works from any working directory)."""
@@ -420,25 +316,3 @@ def ranks_in_sync(accelerator, model: torch.nn.Module) -> bool:
     fingerprint = torch.stack([p.detach().double().sum() for p in params]).to(accelerator.device)
     gathered = accelerator.gather(fingerprint[None]).reshape(accelerator.num_processes, -1)
     return bool((gathered == gathered[0]).all())
-
-
-def summarise_run(record: dict, out: Path, final: Path, start: int, epochs: int, seconds: float) -> dict:
-    """The run's summary (also written to ``out/summary.json``): the last epoch's headline metrics, the fixed
-    evaluation's before -> after scores (``eval_*`` on the grid prompts, ``heldout_*`` on unseen prompts), the
-    wall time and where things are."""
-    from rewardtune.utils.io import atomic_write_json
-
-    keys = ("reward_mean", "gold_reward", "heldout_reward", "loss", "skipped")
-    summary = {k: record[k] for k in keys if k in record and record[k] is not None}
-    summary.update(before_after(out))
-    summary.update(epochs_run=epochs - start, seconds=seconds, output_dir=str(out), final=str(final),
-                   comparison=str(out / "before_after.png"))
-    summary = _rounded(summary)
-    atomic_write_json(out / "summary.json", summary)
-    return summary
-
-
-def _rounded(value):
-    if isinstance(value, dict):
-        return {k: _rounded(v) for k, v in value.items()}
-    return round(value, 4) if isinstance(value, float) and math.isfinite(value) else value

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rewardtune.commands.common import add_config_arguments, load_job_config
 from rewardtune.finetune.config import RunConfig
 
@@ -19,6 +21,11 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     cfg = load_job_config(SCHEMA, args)  # a bad key fails at once, before torch loads
+    # Before torch loads its OpenMP runtime (GNU libgomp, which reads this once): idle threads sleep instead of
+    # spinning, so a busy neighbour on one core costs ~1.6x instead of ~3.6x per epoch (~5 % quiet;
+    # BENCHMARKS.md "threads"). Setting OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself overrides it.
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
     from accelerate import PartialState
 

@@ -91,9 +91,10 @@ def table(results: dict[tuple[str, bool], list[tuple[float, float]]], settings: 
     rows = ["| setting | epoch s, quiet | epoch s, loaded | loaded / quiet | wall s, quiet | wall s, loaded | "
             "loaded / quiet (wall) |", "|---|---|---|---|---|---|---|"]
     for name in settings:
-        q, l = (name, False), (name, True)
-        rows.append(f"| {SETTINGS[name][1]} | {cell(q, 0)} | {cell(l, 0)} | **{med(l, 0) / med(q, 0):.2f}** | "
-                    f"{cell(q, 1)} | {cell(l, 1)} | {med(l, 1) / med(q, 1):.2f} |")
+        quiet, busy = (name, False), (name, True)
+        rows.append(f"| {SETTINGS[name][1]} | {cell(quiet, 0)} | {cell(busy, 0)} | "
+                    f"**{med(busy, 0) / med(quiet, 0):.2f}** | "
+                    f"{cell(quiet, 1)} | {cell(busy, 1)} | {med(busy, 1) / med(quiet, 1):.2f} |")
     return (f"`python -m rewardtune finetune {CONFIG} {' '.join(OVERRIDES)} output_dir=<tmp>` per cell; epoch s = "
             "sampling + reward + update seconds summed over both epochs (metrics.jsonl), wall s = the whole "
             "command (start-up, evaluation before and after). loaded = a `python -c \"while True: pass\"` "

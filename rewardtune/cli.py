@@ -108,6 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("rewardtune: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rewardtune models | head`: the reader left; stop quietly as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         if exc.errno not in _ENVIRONMENT_ERRNOS:
             raise

@@ -50,7 +50,7 @@ INTEGRATION = ("reliability/", "_cli.py", "_run.py", "test_commands.py", "test_f
 
 
 def pytest_collection_modifyitems(config, items):
-    """Mark the integration tier (``-m "not integration"`` runs the unit tests alone, in about a minute)."""
+    """Mark the integration tier (``-m "not integration"`` runs the unit tests alone, in about two minutes)."""
     for item in items:
         path = item.path.as_posix()
         if any(part in path for part in INTEGRATION):

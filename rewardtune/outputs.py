@@ -16,15 +16,14 @@ import tempfile
 from pathlib import Path
 
 from rewardtune.errors import UserError
+from rewardtune.utils.io import umask
 
 logger = logging.getLogger(__name__)
 
 
 def folder_mode() -> int:
     """The mode ``mkdir`` gives a new folder (0777 minus the umask)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o777 & ~mask
+    return 0o777 & ~umask()
 
 
 def _missing_parents(folder: Path) -> tuple[Path, list[Path]]:

@@ -9,29 +9,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+from finetune_cli import args, one_line_error
 
 from rewardtune.cli import main
 
 pytestmark = pytest.mark.integration
-
-PROMPTS = "[a red circle, a blue square on a white background]"
-
-
-def args(model, out, *extra) -> list[str]:
-    """A run of 2 prompts x 2 images, T=2 steps, one gradient step per epoch, a checkpoint every epoch."""
-    return ["finetune", f"model={model}", f"output_dir={out}", f"prompts={PROMPTS}", "epochs=1", "save_every=1",
-            "keep_last=2", "eval_prompts=[a red circle]", "eval_seeds=[0]", "train.reward=jpeg_incompressibility",
-            "train.prompts_per_epoch=2", "train.images_per_prompt=2", "train.inner_steps=1",
-            "train.sampling.steps=2", "train.sampling.batch_size=4", "train.optim.lr=1e-3", "train.prdp.beta=1e-2",
-            *extra]
-
-
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err.strip()
-    last = err.splitlines()[-1] if err else ""
-    assert last.startswith("rewardtune: error:") and err.count("rewardtune: error") == 1, err
-    assert "Traceback" not in err, err
-    return last
 
 
 def metrics(out: Path) -> list[dict]:

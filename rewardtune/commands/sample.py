@@ -14,7 +14,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,15 +62,8 @@ class SampleConfig:
 
     def __post_init__(self) -> None:
         require(self.num_images >= 1, "num_images", "at least 1", self.num_images)
-        require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)
-        require(math.isfinite(self.guidance) and self.guidance >= 0, "guidance",
-                "a finite number >= 0 (1 disables classifier-free guidance)", self.guidance)
-        require(0 <= self.eta <= 1, "eta", "in [0, 1]", self.eta)
-        require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         require(0 <= self.seed <= SEED_MAX, "seed", f"in [0, {SEED_MAX}] (a 64-bit generator seed)", self.seed)
-        for key in ("height", "width"):
-            value = getattr(self, key)
-            require(value is None or value >= 1, key, "a positive number of pixels", value)
+        self.sampler()  # steps, guidance, eta, batch_size, height, width: the sampler settings' own rules
 
     def sampler(self):
         """The :class:`~rewardtune.diffusion.settings.SamplerSettings` of these flags (DDIM, empty negative)."""

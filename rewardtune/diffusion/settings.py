@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -46,8 +47,12 @@ class SamplerSettings:
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)
-        require(self.guidance >= 0, "guidance", ">= 0 (1 disables classifier-free guidance)", self.guidance)
+        require(math.isfinite(self.guidance) and self.guidance >= 0, "guidance",
+                "a finite number >= 0 (1 disables classifier-free guidance)", self.guidance)
         require(0 <= self.eta <= 1, "eta", "in [0, 1]", self.eta)
         require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        for key in ("height", "width"):
+            value = getattr(self, key)
+            require(value is None or value >= 1, key, "a positive number of pixels", value)
         require(self.scheduler in SCHEDULER_FAMILIES, "scheduler", "one of " + ", ".join(SCHEDULER_FAMILIES.names()),
                 self.scheduler)

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_run_folder import args
+from finetune_cli import args
 
 pytestmark = pytest.mark.slow
 TIMING = ("samples_per_s", "seconds_sampling", "seconds_reward", "seconds_update")

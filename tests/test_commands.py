@@ -3,6 +3,8 @@ schema, `rewardtune sample CONFIG [key=value ...]` runs the shipped presets, and
 
 import importlib
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,3 +110,12 @@ def test_old_import_paths_still_work():
     assert sample.prepare_out_dir is sample_command.prepare_out_dir
     assert score.find_images is score_command.find_images and score.run_score is score_command.run_score
     assert presets.load_preset is load_preset
+
+
+def test_a_closed_output_pipe_ends_quietly():
+    """`rewardtune models | head -0`: the reader is gone before the first line; no traceback, exit 141."""
+    process = subprocess.Popen([sys.executable, "-m", "rewardtune", "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 141 and "Traceback" not in stderr, stderr

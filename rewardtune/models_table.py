@@ -21,6 +21,7 @@ REWARD_FACTORIES: dict[str, str] = {
     "jpeg_compressibility": "rewardtune.rewards.jpeg:jpeg_compressibility",
     "jpeg_incompressibility": "rewardtune.rewards.jpeg:jpeg_incompressibility",
     "shapes_gold": "rewardtune.rewards.shapes:load_shapes_gold",
+    "shapes_taste": "rewardtune.rewards.shapes:load_shapes_taste",
     "shapes_alignment": "rewardtune.rewards.shapes:load_shapes_alignment",
     "shapes_preference": "rewardtune.rewards.shapes:load_shapes_preference",
     "hpsv2": "rewardtune.rewards.hpsv2:load_hpsv2",

@@ -8,7 +8,7 @@ from PIL import Image
 
 from rewardtune.errors import UserError
 from rewardtune.rewards import load_reward, parse_spec
-from rewardtune.shapes.oracle import gold_scores, images_from_uint8
+from rewardtune.shapes.oracle import gold_scores, images_from_uint8, read_images
 from rewardtune.shapes.world import Scene, render
 
 
@@ -108,6 +108,11 @@ def test_shapes_gold_components():
     assert set(reward.components) == {"fidelity", "taste", "gold"}
     assert reward.components["fidelity"].item() == 1.0
     assert score.item() == pytest.approx((1.0 + reward.components["taste"].item()) / 2)
+    taste = load_reward("shapes_taste")(images, ["a green triangle"])
+    reading = read_images(images)
+    by_hand = (reading.contrast + reading.crispness + reading.presence) / 3
+    torch.testing.assert_close(taste, by_hand)
+    assert taste.item() == pytest.approx(reward.components["taste"].item())
 
 
 @pytest.mark.parametrize("images, prompts, message", [

@@ -139,13 +139,14 @@ class RunConfig:
     and Pick-a-Pic layouts); ``prompts_column`` / ``prompts_split`` pick the column and split of tables and
     datasets (``heldout_split`` for the held-out source); repeated prompts are dropped (``unique_prompts``) so
     every distinct prompt is drawn equally often.
-    ``heldout_prompts`` / ``heldout_prompts_file``: optional; the first ``heldout_count`` are sampled once per
-    epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full UNet; a rank trains LoRA
-    adapters on the attention projections (``lora_alpha`` defaults to the rank). ``resume``: None, ``auto`` (latest
-    readable checkpoint of ``output_dir``, or a fresh start) or a checkpoint folder; a resume must keep the run's
-    settings except the dotted keys (or sections) listed in ``resume_allow_changes``, e.g. ``[epochs]`` to extend
-    a run (``output_dir``, ``resume``, ``keep_last`` and ``device`` may always change). ``save_every``: checkpoint
-    and grid every that many epochs (and after the last); ``keep_last``: checkpoints kept. ``mixed_precision``:
+    ``heldout_prompts`` / ``heldout_prompts_file``: optional; ``heldout_count`` of them, evenly spaced over the
+    list, are sampled once per epoch (one image each, fixed seeds) and scored. ``lora_rank``: None trains the full
+    UNet; a rank trains LoRA adapters on the attention projections (``lora_alpha`` defaults to the rank).
+    ``resume``: None, ``auto`` (latest readable checkpoint of ``output_dir``, or a fresh start) or a checkpoint
+    folder; a resume must keep the run's settings except the dotted keys (or sections) listed in
+    ``resume_allow_changes``, e.g. ``[epochs]`` to extend a run (``output_dir``, ``resume``, ``keep_last`` and
+    ``device`` may always change). ``save_every``: checkpoint and grid every that many epochs (and after the last);
+    ``keep_last``: checkpoints kept. ``mixed_precision``:
     autocast of the UNet forward by accelerate (weights and optimizer stay fp32; log-probs are computed in fp32);
     ``gradient_checkpointing``: recompute UNet activations in the backward pass (less memory, ~30 % more time).
     ``log_with``: null/none, tensorboard or wandb: the accelerate tracker that also gets each epoch's metrics and

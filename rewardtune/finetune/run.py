@@ -118,7 +118,18 @@ def validate_run(cfg: RunConfig, num_processes: int = 1) -> RunPlan:
         resume_candidates(cfg.resume, cfg.output_dir)  # an explicit checkpoint folder must exist
     settings = run_settings(cfg)
     _check_allowed_changes(cfg, settings)
-    return RunPlan(prompts, heldout[:cfg.heldout_count], settings)
+    return RunPlan(prompts, spread(heldout, cfg.heldout_count), settings)
+
+
+def spread(items: list[str], count: int) -> list[str]:
+    """``count`` items evenly spaced over ``items`` (all of them when there are fewer), in order.
+
+    A list's first ``count`` can all be one kind (``shapes_heldout`` is sorted: its first 16 all ask for big
+    objects), so the held-out evaluation takes indices ``floor(i * len / count)``, ``i = 0 .. count-1``.
+    """
+    if count >= len(items):
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
 
 
 def run_finetune(cfg: RunConfig) -> dict:

@@ -1,6 +1,8 @@
 """The shapes world's rewards.
 
 * ``shapes_gold``: the oracle's fidelity and hidden taste (evaluation only, never for training).
+* ``shapes_taste``: the hidden taste alone (contrast, crispness, presence), a control whose effect anyone can see
+  (bolder, larger, crisper objects); never a substitute for the learned proxy.
 * ``shapes_alignment``: cosine of the tiny CLIP's image and prompt embeddings (learned, like CLIPScore).
 * ``shapes_preference``: the learned proxy, like HPSv2/PickScore: a preference head on the tiny CLIP, with the CLIP
   finetuned, trained on noisy pairwise labels drawn from the gold rule (``scripts/train_shapes_rewards.py``).
@@ -22,18 +24,27 @@ from rewardtune.rewards.base import Reward
 
 
 class ShapesGold(Reward):
-    """Gold reward = (fidelity + taste) / 2 from :mod:`rewardtune.shapes.oracle`; components keep all three."""
+    """Gold reward = (fidelity + taste) / 2 from :mod:`rewardtune.shapes.oracle` (or one of its parts, ``key``);
+    components keep all three."""
+
+    def __init__(self, key: str = "gold") -> None:
+        super().__init__()
+        self.key = key
 
     def score(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         from rewardtune.shapes.oracle import gold_scores
 
         scores = gold_scores(images, prompts)
         self.components = {k: v.to(images.device) for k, v in scores.items()}
-        return scores["gold"].to(images.device)
+        return scores[self.key].to(images.device)
 
 
 def load_shapes_gold(device: str = "cpu", dtype: str = "float32") -> Reward:
     return ShapesGold()
+
+
+def load_shapes_taste(device: str = "cpu", dtype: str = "float32") -> Reward:
+    return ShapesGold("taste")
 
 
 def load_tiny_clip(folder: str | Path, device: str = "cpu", dtype: str = "float32"):

@@ -262,3 +262,15 @@ def test_preset_files_load_and_cli_accepts_them(tmp_path):
         cfg = load_preset(configs / job / "shapes_small.yaml", configs)
         assert cfg.train.algorithm == job and cfg.gold_reward == "shapes_gold"
         assert cfg.train.reward == "shapes_preference" and cfg.model == "shapes-tiny"
+
+
+def test_heldout_prompts_are_spread_over_the_list():
+    from rewardtune.finetune.run import spread
+    from rewardtune.prompts import read_prompts
+    from rewardtune.shapes.captions import parse_prompt
+
+    assert spread(list("abcdefghij"), 4) == ["a", "c", "f", "h"]  # floor(i * 10 / 4) = 0, 2, 5, 7
+    assert spread(list("abc"), 8) == ["a", "b", "c"]
+    heldout = spread(read_prompts("shapes_heldout"), 16)
+    assert len(set(heldout)) == 16
+    assert {"small", "medium", "large"} <= {parse_prompt(p)["size"] for p in heldout}  # the first 16 are all large

@@ -20,34 +20,20 @@ held-out prompts), before (epoch 0) and after the last epoch; mean +- std over s
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-FIGURES = ROOT / "docs" / "figures"
+from runs import FIGURES, ROOT, Arm, final_scores, read_jsonl, run_all, table
+
 PRDP_SMALL, DDPO_SMALL = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 PRDP_LARGE, DDPO_LARGE = "configs/prdp/shapes_large.yaml", "configs/ddpo/shapes_large.yaml"
-
-
-@dataclass
-class Arm:
-    """One method of a claim: a preset plus overrides, run once per seed."""
-
-    name: str
-    preset: str
-    overrides: list[str] = field(default_factory=list)
+ORACLE = "train.reward=shapes_gold:40"  # the positive control: gold itself, at the proxy's scale (scripts/controls.py)
 
 
 def claims(betas: list[float]) -> dict[int, list[Arm]]:
     return {
-        1: [Arm("prdp_small", PRDP_SMALL), Arm("ddpo_small", DDPO_SMALL)],
-        2: [Arm("prdp_large", PRDP_LARGE), Arm("ddpo_large", DDPO_LARGE)],
+        1: [Arm("prdp_small", PRDP_SMALL), Arm("ddpo_small", DDPO_SMALL), Arm("oracle_small", PRDP_SMALL, [ORACLE])],
+        2: [Arm("prdp_large", PRDP_LARGE), Arm("ddpo_large", DDPO_LARGE), Arm("oracle_large", PRDP_LARGE, [ORACLE])],
         3: [Arm("prdp_small", PRDP_SMALL), Arm("prdp_small_noclip", PRDP_SMALL, ["train.prdp.clip_range=.inf"])],
         4: [beta_arm(b) for b in sorted(betas)],
     }
@@ -62,58 +48,8 @@ def beta_arm(beta: float) -> Arm:
     return Arm(f"prdp_small_beta{beta:g}", PRDP_SMALL, [f"train.prdp.beta={beta}"])
 
 
-def run_arm(arm: Arm, seed: int, out: Path, epochs: int | None, threads: int) -> Path:
-    """Run (or resume, or reuse) one arm and seed; returns its run folder."""
-    folder = out / arm.name / f"seed{seed}"
-    if (folder / "summary.json").is_file():
-        return folder
-    command = [sys.executable, "-m", "rewardtune", "finetune", str(ROOT / arm.preset), f"output_dir={folder}",
-               f"train.seed={seed}", "resume=auto", *arm.overrides, *([f"epochs={epochs}"] if epochs else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder.parent / f"seed{seed}.log", "w") as log:
-        subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
-    return folder
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def final_scores(folder: Path) -> dict[str, float]:
-    """After-minus-before and after values of the fixed evaluation, the worst evaluated gold, and the minutes of
-    sampling, scoring and updating (evaluation excluded)."""
-    evals = read_jsonl(folder / "eval.jsonl")
-    first, last = evals[0], evals[-1]
-    scores = {f"{k}": last[k] for k in last if k != "epoch"}
-    scores.update({f"d_{k}": last[k] - first[k] for k in last if k != "epoch"})
-    scores["min_gold"] = min(r["eval_gold"] for r in evals) - first["eval_gold"]
-    metrics = read_jsonl(folder / "metrics.jsonl")
-    scores["minutes"] = sum(r[f"seconds_{k}"] for r in metrics for k in ("sampling", "reward", "update")) / 60
-    return scores
-
-
-def mean_std(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:+.3f}"
-    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
-
-
 def mean(values: list[float]) -> float:
     return statistics.mean(values)
-
-
-def table(arms: list[Arm], results: dict[str, list[dict]]) -> str:
-    keys = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
-            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
-            ("min_gold", "worst Δ gold during run")]
-    lines = ["| run | " + " | ".join(label for _, label in keys) + " | train minutes |",
-             "|---" * (len(keys) + 2) + "|"]
-    for arm in arms:
-        rows = results[arm.name]
-        lines.append(f"| {arm.name} | " + " | ".join(mean_std([r[k] for r in rows]) for k, _ in keys)
-                     + f" | {mean([r['minutes'] for r in rows]):.1f} |")
-    return "\n".join(lines)
 
 
 def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, str]:
@@ -196,12 +132,8 @@ def main() -> None:
     args = parser.parse_args()
     plan = {c: arms for c, arms in claims(args.betas).items() if c in args.claims}
     unique = {arm.name: arm for arms in plan.values() for arm in arms}
-    jobs = [(arm, seed) for arm in unique.values() for seed in args.seeds]
-    with ThreadPoolExecutor(args.workers) as pool:
-        folders = list(pool.map(lambda job: run_arm(*job, args.out, args.epochs, args.threads), jobs))
-    results: dict[str, list[dict]] = {}
-    for (arm, _), folder in zip(jobs, folders):
-        results.setdefault(arm.name, []).append(final_scores(folder))
+    runs = run_all(list(unique.values()), args.seeds, args.out, args.epochs, args.workers, args.threads)
+    results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
     found = verdicts(results, args.betas)
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
@@ -212,7 +144,7 @@ def main() -> None:
              f"{'the preset' if args.epochs is None else f'{args.epochs} epochs'} of N=6 prompts x B=6 images.\n"]
     for claim, arms in plan.items():
         figure = plot_claim(claim, arms, args.out, args.seeds)
-        parts.append(f"**Claim {claim}.** {found.get(claim, '')}\n\n{table(arms, results)}\n\n"
+        parts.append(f"**Claim {claim}.** {found.get(claim, '')}\n\n{table([a.name for a in arms], results)}\n\n"
                      f"![claim {claim}]({figure.relative_to(ROOT)})\n")
     text = "\n".join(parts)
     print(text)

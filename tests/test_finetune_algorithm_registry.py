@@ -27,6 +27,7 @@ class ToyReinforce:
     Options = ToyOptions
     min_images_per_prompt, min_images_reason = 3, "the toy needs three"
     whole_groups = False
+    uses_reference = False
 
     def __init__(self, cfg: FinetuneConfig, options: ToyOptions) -> None:
         self.scale = options.scale

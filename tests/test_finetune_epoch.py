@@ -164,6 +164,7 @@ def test_frozen_reference_unet_and_bad_reference(pipe):
     with pytest.raises(ValueError, match="unknown reference"):
         collect_rollouts(pipe, PROMPTS, B, cfg.sampling, Brightness(), seeds=0, reference="base")
     assert epoch_reference(0, reference) is None and epoch_reference(3, reference) is reference
+    assert epoch_reference(3, reference, uses_reference=False) is None  # DDPO: no reference pass
     rollouts.timesteps = rollouts.timesteps + 1  # not what this scheduler produces
     with pytest.raises(ValueError, match="differ from the recorded"):
         all_log_probs(pipe.unet, pipe.scheduler, rollouts, cfg)

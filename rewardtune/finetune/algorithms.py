@@ -9,6 +9,8 @@ An entry is a class (or a lazy ``"module:Class"`` string) built as ``Entry(cfg, 
 * ``min_images_per_prompt`` (and ``min_images_reason``): checked when the config is built;
 * ``whole_groups``: True when the loss couples the B samples of a prompt (PRDP's pairs), so minibatches must hold
   whole prompt groups;
+* ``uses_reference``: True when the loss reads ``log_probs_ref`` (PRDP's log-ratios); otherwise the rollouts skip
+  the reference model's pass over every step (``log_probs_ref`` is then ``log_probs_old``);
 * ``targets(rollouts) -> [N*B]``: computed once per epoch, before the K passes;
 * ``loss(log_probs, log_probs_old, log_probs_ref, targets) -> (loss, clipfrac)`` on ``[n,k]`` log-probs and
   ``[n]`` targets; ``clipfrac`` is the fraction of steps outside the clip band;
@@ -39,6 +41,7 @@ class Algorithm(Protocol):
     Options: type | None
     min_images_per_prompt: int
     whole_groups: bool
+    uses_reference: bool
 
     def targets(self, rollouts: Rollouts) -> torch.Tensor: ...
 
@@ -57,6 +60,7 @@ class PRDP:
     Options = None
     min_images_per_prompt, min_images_reason = 2, "its loss compares images of the same prompt"
     whole_groups = True
+    uses_reference = True
 
     def __init__(self, cfg: FinetuneConfig, options: None = None) -> None:
         self.beta, self.clip_range = cfg.prdp.beta, cfg.prdp.clip_range
@@ -93,6 +97,7 @@ class DDPO:
     Options = None
     min_images_per_prompt, min_images_reason = 1, ""
     whole_groups = False
+    uses_reference = False  # PPO-clip needs only the snapshot's log-probs
 
     def __init__(self, cfg: FinetuneConfig, options: None = None) -> None:
         from rewardtune.finetune.advantages import PerPromptStatTracker

@@ -114,10 +114,11 @@ def reference_log_probs(unet, scheduler, rollouts: Rollouts, reference: Referenc
     return trajectory_log_probs(reference, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta, cfg.batch_size)
 
 
-def epoch_reference(epoch: int, reference: Reference) -> Reference:
+def epoch_reference(epoch: int, reference: Reference, uses_reference: bool = True) -> Reference:
     """What to pass as ``reference`` at ``epoch`` (0-based) of a run that starts at the reference model: None at
-    epoch 0, where no update has happened and the snapshot is the reference (no second pass)."""
-    return None if epoch == 0 else reference
+    epoch 0, where no update has happened and the snapshot is the reference, and None for an algorithm whose loss
+    does not use it (DDPO): no second pass over the trajectories."""
+    return None if epoch == 0 or not uses_reference else reference
 
 
 def _score(reward: Callable, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, dict]:

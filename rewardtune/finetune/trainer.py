@@ -188,7 +188,7 @@ class Trainer:
         seeds = seeds[acc.process_index * n * b:(acc.process_index + 1) * n * b]
         reward, start = TimedReward(self.scorers.reward), time.perf_counter()
         rollouts = collect_rollouts(self.pipe, prompts, b, train.sampling, reward, seeds,
-                                    reference=epoch_reference(epoch, self.reference))
+                                    reference=epoch_reference(epoch, self.reference, self.algorithm.uses_reference))
         gold = TimedReward(self.scorers.gold) if self.scorers.gold is not None else None
         gold_scores = gold(rollouts.images.to(gold.device), rollouts.prompts) if gold else None
         gold_components = dict(gold.components) if gold else {}  # before held-out scoring overwrites them

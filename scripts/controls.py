@@ -1,0 +1,102 @@
+"""Positive and negative controls of reward finetuning in the shapes world (issue 12), before any comparison of
+methods; writes a table into BENCHMARKS.md (section ``controls``) and a grid figure into docs/figures.
+
+    python scripts/controls.py [--settings preset ...] [--controls oracle proxy taste noclip] [--seeds 0 1 2]
+
+Each row is one *setting* of the trainer (the preset, or the preset with the overrides a diagnosis step tried) run
+with one *control* reward:
+
+* ``oracle``: the gold reward itself as the training reward, at the proxy's scale (``shapes_gold:40``: gold
+  differences within a prompt group are ~0.05-0.1, the proxy's ~2-4). If this does not raise gold on the training
+  prompts and hold it on held-out prompts, no comparison of methods means anything.
+* ``proxy``: the learned reward the presets train on (``shapes_preference``).
+* ``taste``: the hidden taste alone (``shapes_taste:40``): bolder, larger, crisper objects, visible in the grid.
+* ``noclip``: the negative control, PRDP without its proximal clip (``train.prdp.clip_range=.inf``), which collapses.
+
+Runs live in ``--out`` (default ``outputs/controls``) as SETTING-CONTROL/seedS; they resume and are reused
+(scripts/runs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from runs import FIGURES, ROOT, Arm, final_scores, run_all, table
+
+PRESET = "configs/prdp/shapes_small.yaml"
+CONTROLS = {
+    "oracle": ["train.reward=shapes_gold:40"],
+    "proxy": [],
+    "taste": ["train.reward=shapes_taste:40"],
+    "noclip": ["train.prdp.clip_range=.inf"],
+}
+# Trainer settings tried while diagnosing, in the order they were tried (each justified by a control's row).
+SETTINGS = {
+    "preset": [],  # the preset as shipped before issue 12's changes
+    "g1": ["train.groups_per_update=1"],  # 6 optimizer steps per pass instead of 1 (same samples)
+    "lora8-lr5e-4": ["lora_rank=8", "train.optim.lr=5e-4"],  # LoRA on the attention projections
+}
+COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
+           ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL")]
+
+
+def arms(settings: list[str], controls: list[str], preset: str) -> list[Arm]:
+    return [Arm(f"{s}-{c}", preset, [*SETTINGS[s], *CONTROLS[c]]) for s in settings for c in controls]
+
+
+def grid_figure(names: list[str], out: Path, seed: int, path: Path) -> Path:
+    """Before (epoch 0) and after grids of each run, one row per run, into ``path``."""
+    from PIL import Image, ImageDraw
+
+    rows = [Image.open(out / n / f"seed{seed}" / "before_after.png").convert("RGB") for n in names]
+    width, label = max(r.width for r in rows), 16
+    canvas = Image.new("RGB", (width, sum(r.height + label for r in rows)), "white")
+    y = 0
+    for name, row in zip(names, rows):
+        ImageDraw.Draw(canvas).text((4, y + 2), name, fill="black")
+        canvas.paste(row, (0, y + label))
+        y += row.height + label
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
+    parser.add_argument("--preset", default=PRESET)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "controls")
+    parser.add_argument("--section", default="controls")
+    parser.add_argument("--note", default="", help="a paragraph put above the table")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    plan = arms(args.settings, args.controls, args.preset)
+    runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
+    results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
+    names = [a.name for a in plan]
+    figure = grid_figure(names, args.out, args.seeds[0], FIGURES / f"{args.section}.png")
+    from rewardtune.utils.benchmarks import command_line, header, update_section
+
+    text = "\n".join([
+        header(command_line()), args.note, "",
+        f"Preset `{args.preset}`; seeds {args.seeds}; Δ = after the last epoch minus before finetuning on the fixed "
+        "evaluation (the preset's 8 evaluation prompts x 4 seeds, and 16 held-out prompts spread over "
+        "shapes_heldout, one image each); mean ± std over seeds. Settings: "
+        + "; ".join(f"`{s}` = {' '.join(SETTINGS[s]) or 'the preset'}" for s in args.settings)
+        + ". Controls: " + "; ".join(f"`{c}` = {' '.join(CONTROLS[c]) or 'the preset reward'}" for c in args.controls)
+        + ".", "", table(names, results, COLUMNS), "",
+        f"![{args.section}]({figure.relative_to(ROOT)}) Before (left) and after (right) grids of seed "
+        f"{args.seeds[0]}, one row per run, in the table's order."])
+    print(text)
+    if not args.no_write:
+        update_section(args.section, text)
+
+
+if __name__ == "__main__":
+    main()

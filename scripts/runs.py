@@ -1,0 +1,106 @@
+"""Shared by the finetuning experiment scripts (controls, over-optimisation, PRDP's claims): run arms of presets
+with overrides, once per seed, each in its own ``rewardtune finetune`` process, and read back their scores.
+
+A run lives in ``OUT/ARM/seedS``; a finished run (``summary.json``) is reused, an interrupted one resumes
+(``resume=auto``), and a run asked for more epochs than it has continues where it stopped
+(``resume_allow_changes=[epochs]``), so every script can be stopped, restarted and extended.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FIGURES = ROOT / "docs" / "figures"
+
+
+@dataclass
+class Arm:
+    """One method or setting: a preset plus overrides, run once per seed."""
+
+    name: str
+    preset: str
+    overrides: list[str] = field(default_factory=list)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _finished(folder: Path, epochs: int | None) -> bool:
+    if not (folder / "summary.json").is_file():
+        return False
+    done = json.loads((folder / "summary.json").read_text()).get("epochs") or [None]
+    return epochs is None or done[-1] == epochs
+
+
+def run_arm(arm: Arm, seed: int, out: Path, epochs: int | None = None, threads: int = 1) -> Path:
+    """Run (or resume, extend or reuse) one arm and seed; returns its run folder."""
+    folder = out / arm.name / f"seed{seed}"
+    if _finished(folder, epochs):
+        return folder
+    command = [sys.executable, "-m", "rewardtune", "finetune", str(ROOT / arm.preset), f"output_dir={folder}",
+               f"train.seed={seed}", "resume=auto", "resume_allow_changes=[epochs]", *arm.overrides,
+               *([f"epochs={epochs}"] if epochs else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f"seed{seed}.log", "a") as log:
+        subprocess.run(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, check=True)
+    return folder
+
+
+def run_all(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = None, workers: int = 1,
+            threads: int = 1) -> dict[str, list[Path]]:
+    """Every arm x seed, ``workers`` at a time; ``{arm name: [run folder per seed]}``."""
+    jobs = [(arm, seed) for arm in arms for seed in seeds]
+    with ThreadPoolExecutor(workers) as pool:
+        folders = list(pool.map(lambda job: run_arm(*job, out, epochs, threads), jobs))
+    runs: dict[str, list[Path]] = {}
+    for (arm, _), folder in zip(jobs, folders):
+        runs.setdefault(arm.name, []).append(folder)
+    return runs
+
+
+def final_scores(folder: Path) -> dict[str, float]:
+    """After-minus-before (``d_*``) and after values of the fixed evaluation, the worst evaluated gold, the summed
+    approximate KL of the updates (``sum approx_kl * steps``, as each run's ``kl_curve.png``), and the minutes of
+    sampling, scoring and updating (evaluation excluded)."""
+    evals = read_jsonl(folder / "eval.jsonl")
+    first, last = evals[0], evals[-1]
+    scores = {f"{k}": last[k] for k in last if k != "epoch"}
+    scores.update({f"d_{k}": last[k] - first[k] for k in last if k != "epoch"})
+    if "eval_gold" in first:
+        scores["min_gold"] = min(r["eval_gold"] for r in evals) - first["eval_gold"]
+    metrics = read_jsonl(folder / "metrics.jsonl")
+    scores["kl"] = sum((r.get("approx_kl") or 0.0) * (r.get("steps") or 0) for r in metrics)
+    scores["minutes"] = sum(r[f"seconds_{k}"] for r in metrics for k in ("sampling", "reward", "update")) / 60
+    return scores
+
+
+def mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:+.3f}"
+    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
+
+
+DELTA_COLUMNS = [("d_eval_reward", "Δ training reward (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
+                 ("d_heldout_reward", "Δ training reward (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
+                 ("min_gold", "worst Δ gold during run")]
+
+
+def table(names: list[str], results: dict[str, list[dict]], columns=DELTA_COLUMNS) -> str:
+    """Markdown table, one row per arm: mean ± std over its seeds of each column, and its train minutes."""
+    lines = ["| run | " + " | ".join(label for _, label in columns) + " | train minutes |",
+             "|---" * (len(columns) + 2) + "|"]
+    for name in names:
+        rows = results[name]
+        cells = [mean_std([r[k] for r in rows]) if k in rows[0] else "–" for k, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(r['minutes'] for r in rows):.1f} |")
+    return "\n".join(lines)

@@ -12,15 +12,27 @@ the epoch cannot avoid, at the batch sizes the run used:
 
 The ratio epoch / floor is what the harness adds on top of the UNet (VAE decode, text encoder, reward, log-prob
 arithmetic, optimiser, Python).
+
+Side by side (``--new key=value ...``): today's settings (the preset and overrides, run by the checkout at
+``--before``, default this one) against the new ones (this checkout, plus ``--new``), each ``rewardtune finetune``
+in its own process, alternating for ``--rounds`` rounds; median seconds per phase over every epoch >= 2 of every
+round. Before that, one batch of trajectories sampled by the base model is re-scored by the new settings' trainable
+model (e.g. with LoRA adapters at their initialisation) to show that its per-step log-probs are unchanged.
+Writes the ``finetune-speed-side-by-side`` section.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -70,14 +82,85 @@ def floor_seconds(cfg: RunConfig, repeats: int) -> dict[str, float]:
             "update": update_calls * train_call}
 
 
+PHASES = ("sampling", "reward", "update")
+
+
+def epoch_seconds(checkout: Path, config: str, overrides: list[str], epochs: int) -> list[dict[str, float]]:
+    """Per-phase seconds of epochs 2..``epochs`` of one ``rewardtune finetune`` run by ``checkout``'s code."""
+    with tempfile.TemporaryDirectory(prefix="bench_finetune_") as tmp:
+        command = [sys.executable, "-m", "rewardtune", "finetune", config, *overrides, f"epochs={epochs}",
+                   f"save_every={epochs}", "heldout_count=1", f"output_dir={tmp}/run"]
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
+        subprocess.run(command, cwd=checkout, env=env, check=True, capture_output=True)
+        records = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[f"seconds_{k}"] for k in PHASES} for r in records[1:]]
+
+
+def log_prob_change(config: str, overrides: list[str], new: list[str]) -> float:
+    """Max |difference| of per-step log-probs of 12 trajectories sampled by the base model, re-scored by the new
+    settings' trainable UNet at its initialisation vs recorded while sampling."""
+    from rewardtune.diffusion.loading import load_pipeline
+    from rewardtune.diffusion.rescore import trajectory_log_probs
+    from rewardtune.diffusion.service import generate
+    from rewardtune.finetune.trainer import _add_trainable
+
+    cfg = load_config(RunConfig, config, [*overrides, *new])
+    pipe = load_pipeline(cfg.model)
+    sampling = cfg.train.sampling
+    out = generate(pipe, ["a red circle", "a blue square"], list(range(12)), sampling, per_prompt=6,
+                   keep_trajectories=True, decode=False)
+    _add_trainable(pipe, cfg)
+    moves = SimpleNamespace(latents=out.trajectory.latents, timesteps=out.trajectory.timesteps, group=out.group,
+                            prompt_embeds=out.prompt_embeds, negative_embeds=out.negative_embeds, family="ddim")
+    with torch.no_grad():
+        rescored = trajectory_log_probs(pipe.unet, pipe.scheduler, moves, torch.arange(12),
+                                        torch.arange(sampling.steps), sampling.guidance, sampling.eta)
+    return (rescored - out.trajectory.log_probs).abs().max().item()
+
+
+def side_by_side(args) -> str:
+    before = (args.before or ROOT).resolve()
+    config = str(Path(args.config).resolve())
+    change = log_prob_change(config, args.overrides, args.new)
+    sides = {"today": (before, args.overrides), "new": (ROOT, [*args.overrides, *args.new])}
+    epochs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
+    for _ in range(args.rounds):
+        for name, (checkout, overrides) in sides.items():
+            epochs[name] += epoch_seconds(checkout, config, overrides, args.epochs)
+    med = {name: {k: statistics.median(e[k] for e in rows) for k in PHASES} | {
+        "epoch": statistics.median(sum(e.values()) for e in rows)} for name, rows in epochs.items()}
+    lines = ["| phase | today (s) | new (s) | today / new |", "|---|---:|---:|---:|"]
+    for key in (*PHASES, "epoch"):
+        ratio = med["today"][key] / med["new"][key] if med["new"][key] else float("nan")
+        bold = "**" if key == "epoch" else ""
+        lines.append(f"| {bold}{key}{bold} | {med['today'][key]:.2f} | {med['new'][key]:.2f} | "
+                     f"{bold}{ratio:.2f}x{bold} |")
+    return header(command_line()) + (
+        f"`{args.config}` {' '.join(args.overrides)}: today = the checkout at {before} with these settings; new = "
+        f"this checkout with `{' '.join(args.new) or '(no change)'}`. {args.rounds} alternating rounds of "
+        f"{args.epochs}-epoch runs, median over epochs 2-{args.epochs} of every round (epoch 1 has no reference "
+        f"pass). Log-probs of 12 base-model trajectories re-scored by the new trainable model at its "
+        f"initialisation: max |difference| {change:.3g}.\n\n" + "\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", nargs="?", default=str(ROOT / "configs" / "prdp" / "shapes_small.yaml"))
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new", nargs="*", default=None, help="side by side: overrides of the new settings")
+    parser.add_argument("--before", type=Path, help="side by side: the checkout that runs today's settings")
+    parser.add_argument("--rounds", type=int, default=2, help="side by side: alternating rounds")
+    parser.add_argument("--section", default="finetune-speed-side-by-side")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
+    if args.new is not None:
+        text = side_by_side(args)
+        print(text)
+        if not args.no_write:
+            update_section(args.section, text)
+        return
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(RunConfig, args.config, [*args.overrides, f"epochs={args.epochs}", f"output_dir={tmp}",
                                                    f"save_every={args.epochs}"])

@@ -36,6 +36,9 @@ SETTINGS = {
     "preset": [],  # the preset as shipped before issue 12's changes
     "g1": ["train.groups_per_update=1"],  # 6 optimizer steps per pass instead of 1 (same samples)
     "lora8-lr5e-4": ["lora_rank=8", "train.optim.lr=5e-4"],  # LoRA on the attention projections
+    "lora8-lr2e-3-g1": ["lora_rank=8", "train.optim.lr=2e-3", "train.groups_per_update=1"],
+    "lora8-lr2e-3": ["lora_rank=8", "train.optim.lr=2e-3"],
+    "lora8-lr1e-3": ["lora_rank=8", "train.optim.lr=1e-3"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL")]

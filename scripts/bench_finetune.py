@@ -120,13 +120,14 @@ def log_prob_change(config: str, overrides: list[str], new: list[str]) -> float:
 
 def side_by_side(args) -> str:
     before = (args.before or ROOT).resolve()
-    config = str(Path(args.config).resolve())
-    change = log_prob_change(config, args.overrides, args.new)
+    config = Path(args.config).resolve()
+    change = log_prob_change(str(config), args.overrides, args.new)
+    relative = config.relative_to(ROOT)  # each checkout runs its own copy of the preset
     sides = {"today": (before, args.overrides), "new": (ROOT, [*args.overrides, *args.new])}
     epochs: dict[str, list[dict[str, float]]] = {name: [] for name in sides}
     for _ in range(args.rounds):
         for name, (checkout, overrides) in sides.items():
-            epochs[name] += epoch_seconds(checkout, config, overrides, args.epochs)
+            epochs[name] += epoch_seconds(checkout, str(checkout / relative), overrides, args.epochs)
     med = {name: {k: statistics.median(e[k] for e in rows) for k in PHASES} | {
         "epoch": statistics.median(sum(e.values()) for e in rows)} for name, rows in epochs.items()}
     lines = ["| phase | today (s) | new (s) | today / new |", "|---|---:|---:|---:|"]
@@ -136,10 +137,10 @@ def side_by_side(args) -> str:
         lines.append(f"| {bold}{key}{bold} | {med['today'][key]:.2f} | {med['new'][key]:.2f} | "
                      f"{bold}{ratio:.2f}x{bold} |")
     return header(command_line()) + (
-        f"`{args.config}` {' '.join(args.overrides)}: today = the checkout at {before} with these settings; new = "
-        f"this checkout with `{' '.join(args.new) or '(no change)'}`. {args.rounds} alternating rounds of "
-        f"{args.epochs}-epoch runs, median over epochs 2-{args.epochs} of every round (epoch 1 has no reference "
-        f"pass). Log-probs of 12 base-model trajectories re-scored by the new trainable model at its "
+        f"`{relative}` {' '.join(args.overrides)}: today = the checkout at {before} with its copy of the preset; "
+        f"new = this checkout's preset with `{' '.join(args.new) or '(no change)'}`. {args.rounds} alternating "
+        f"rounds of {args.epochs}-epoch runs, median over epochs 2-{args.epochs} of every round (epoch 1 has no "
+        f"reference pass). Log-probs of 12 base-model trajectories re-scored by the new trainable model at its "
         f"initialisation: max |difference| {change:.3g}.\n\n" + "\n".join(lines) + "\n")
 
 

@@ -33,12 +33,13 @@ CONTROLS = {
 }
 # Trainer settings tried while diagnosing, in the order they were tried (each justified by a control's row).
 SETTINGS = {
-    "preset": [],  # the preset as shipped before issue 12's changes
-    "g1": ["train.groups_per_update=1"],  # 6 optimizer steps per pass instead of 1 (same samples)
-    "lora8-lr5e-4": ["lora_rank=8", "train.optim.lr=5e-4"],  # LoRA on the attention projections
-    "lora8-lr2e-3-g1": ["lora_rank=8", "train.optim.lr=2e-3", "train.groups_per_update=1"],
+    # the shapes_small preset before issue 12: full finetuning at lr 5e-5
+    "full-lr5e-5": ["lora_rank=null", "train.optim.lr=5e-5"],
+    "full-lr5e-5-g1": ["lora_rank=null", "train.optim.lr=5e-5", "train.groups_per_update=1"],  # 6 steps per pass
+    # LoRA rank 8 on the attention projections (the preset since issue 12)
+    "lora8-lr5e-4": ["lora_rank=8", "train.optim.lr=5e-4"],
     "lora8-lr2e-3": ["lora_rank=8", "train.optim.lr=2e-3"],
-    "lora8-lr1e-3": ["lora_rank=8", "train.optim.lr=1e-3"],
+    "lora8-lr2e-3-g1": ["lora_rank=8", "train.optim.lr=2e-3", "train.groups_per_update=1"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL")]

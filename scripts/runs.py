@@ -58,8 +58,9 @@ def run_arm(arm: Arm, seed: int, out: Path, epochs: int | None = None, threads: 
 
 def run_all(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = None, workers: int = 1,
             threads: int = 1) -> dict[str, list[Path]]:
-    """Every arm x seed, ``workers`` at a time; ``{arm name: [run folder per seed]}``."""
-    jobs = [(arm, seed) for arm in arms for seed in seeds]
+    """Every arm x seed, ``workers`` at a time, seed by seed (a long study stopped early has every arm's first
+    seeds); ``{arm name: [run folder per seed]}``."""
+    jobs = [(arm, seed) for seed in seeds for arm in arms]
     with ThreadPoolExecutor(workers) as pool:
         folders = list(pool.map(lambda job: run_arm(*job, out, epochs, threads), jobs))
     runs: dict[str, list[Path]] = {}

@@ -40,13 +40,20 @@ SETTINGS = {
     "lora8-lr5e-4": ["lora_rank=8", "train.optim.lr=5e-4"],
     "lora8-lr2e-3": ["lora_rank=8", "train.optim.lr=2e-3"],
     "lora8-lr2e-3-g1": ["lora_rank=8", "train.optim.lr=2e-3", "train.groups_per_update=1"],
+    # train on the 8 evaluation prompts only: ~4.5 samples per prompt and epoch instead of 1
+    "lora8-lr5e-4-eval8": ["lora_rank=8", "train.optim.lr=5e-4", "prompts_file=null", "prompts=EVAL"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL")]
 
 
 def arms(settings: list[str], controls: list[str], preset: str) -> list[Arm]:
-    return [Arm(f"{s}-{c}", preset, [*SETTINGS[s], *CONTROLS[c]]) for s in settings for c in controls]
+    """One arm per setting x control; ``prompts=EVAL`` becomes the preset's evaluation prompts."""
+    from rewardtune.presets import load_preset
+
+    evals = "prompts=[" + ", ".join(load_preset(ROOT / preset, ROOT / "configs").eval_prompts) + "]"
+    return [Arm(f"{s}-{c}", preset, [evals if o == "prompts=EVAL" else o for o in [*SETTINGS[s], *CONTROLS[c]]])
+            for s in settings for c in controls]
 
 
 def grid_figure(names: list[str], out: Path, seed: int, path: Path) -> Path:

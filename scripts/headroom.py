@@ -2,12 +2,13 @@
 
     python scripts/headroom.py [--samples 16] [--heldout 16] [--seeds per-prompt|distinct] [--no-write]
 
-Two prompt sets: the demo's evaluation prompts (``eval_prompts`` of the config) and the first ``--heldout`` prompts
-of the shipped ``shapes_heldout`` set. Each prompt is sampled ``--samples`` times (seeds 0..N-1 for every prompt;
-``--seeds distinct``: one seed per sample, 0..P*N-1, as issue 12 drew them) with the demo's
-sampler (the config's ``train.sampling``: 10 DDIM steps, eta 1, guidance 5) and scored by the gold reward
-(fidelity, taste, gold) and the learned proxy (``shapes_preference``). Reported per prompt set, mean ± std over
-prompts:
+Two prompt sets: the demo's evaluation prompts (``eval_prompts`` of the config) and ``--heldout`` prompts of the
+shipped ``shapes_heldout`` set, spread over it as the finetuning runs pick them (``--heldout-first``: its first
+ones, as before issue 12 fixed that choice; they all ask for big objects). Each prompt is sampled ``--samples``
+times (seeds 0..N-1 for every prompt; ``--seeds distinct``: one seed per sample, 0..P*N-1, as issue 12 drew them)
+with the demo's sampler (the config's ``train.sampling``: 10 DDIM steps, eta 1, guidance 5) and scored by the gold
+reward (fidelity, taste, gold) and the learned proxy (``shapes_preference``). Reported per prompt set, mean ± std
+over prompts:
 
 * base: the mean over a prompt's samples;
 * ground-truth renders: the world's own images of the prompt (attributes the prompt does not name, and the nuisance
@@ -31,6 +32,7 @@ import torch
 
 from rewardtune.config import read_yaml
 from rewardtune.diffusion import SamplerSettings, generate, load_pipeline
+from rewardtune.finetune.run import spread
 from rewardtune.prompts import read_prompts
 from rewardtune.rewards import load_reward
 from rewardtune.shapes.captions import parse_prompt
@@ -143,13 +145,14 @@ def report(args: argparse.Namespace, settings: SamplerSettings, sets: dict[str, 
     reproduce = (" Issue 12 drew one seed per sample; `--seeds distinct` reproduces its numbers exactly (evaluation "
                  "prompts: base gold 0.840, fidelity 0.982, taste 0.698, best-of-16 by gold 0.909, by proxy 0.896; "
                  "held out: base 0.869, best-of-16 by gold 0.893), so differences of that size are seed noise."
-                 if args.seeds == "per-prompt" and n == 16 and len(sets[ho]) == 16 else "")
+                 if args.seeds == "per-prompt" and n == 16 and len(sets[ho]) == 16 and args.heldout_first else "")
     return header(command_line()) + (
         f"{args.model}, {settings.steps} DDIM steps, eta {settings.eta}, guidance {settings.guidance}; {n} samples "
         f"per prompt ({seeds}); gold = (fidelity + taste) / 2 from the oracle, proxy = shapes_preference. "
-        f"Mean ± std over prompts ({len(sets[ev])} evaluation prompts of {args.config.name}, the first "
-        f"{len(sets[ho])} of shapes_heldout). Ground-truth renders: {n} per prompt, the attributes the prompt does "
-        "not name and the nuisances (softness, grain, lighting, jitter) drawn as for training data. Sampling took "
+        f"Mean ± std over prompts ({len(sets[ev])} evaluation prompts of {args.config.name}, "
+        f"{len(sets[ho])} of shapes_heldout, {'its first' if args.heldout_first else 'spread over it'}). "
+        f"Ground-truth renders: {n} per prompt, the attributes the prompt does not name and the nuisances "
+        "(softness, grain, lighting, jitter) drawn as for training data. Sampling took "
         f"{results[ev]['seconds']:.0f} s + {results[ho]['seconds']:.0f} s.{reproduce}\n\n"
         + table(f"{ev} ({len(sets[ev])})", results[ev]["rows"]) + "\n"
         + table(f"{ho} ({len(sets[ho])})", results[ho]["rows"]) + "\n"
@@ -173,7 +176,8 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "prdp" / "shapes_small.yaml")
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--samples", type=int, default=16, help="samples per prompt (seeds 0..N-1)")
-    parser.add_argument("--heldout", type=int, default=16, help="first K prompts of shapes_heldout")
+    parser.add_argument("--heldout", type=int, default=16, help="K prompts of shapes_heldout")
+    parser.add_argument("--heldout-first", action="store_true", help="its first K prompts instead of K spread over it")
     parser.add_argument("--seeds", choices=("per-prompt", "distinct"), default="per-prompt",
                         help="per-prompt: seeds 0..N-1 for every prompt; distinct: one seed per sample, 0..P*N-1")
     parser.add_argument("--figure", type=Path, default=ROOT / "docs" / "figures" / "headroom.png")
@@ -184,8 +188,9 @@ def main() -> None:
     sampling = config.get("train", {}).get("sampling", {})
     settings = SamplerSettings(steps=int(sampling.get("steps", 10)), guidance=float(sampling.get("guidance", 5.0)),
                                eta=float(sampling.get("eta", 1.0)), batch_size=64)
+    heldout = read_prompts("shapes_heldout")
     sets = {"evaluation prompts": list(config["eval_prompts"]),
-            "held-out prompts": read_prompts("shapes_heldout")[: args.heldout]}
+            "held-out prompts": heldout[: args.heldout] if args.heldout_first else spread(heldout, args.heldout)}
     torch.manual_seed(0)
     pipe = load_pipeline(args.model)
     gold, proxy = load_reward("shapes_gold"), load_reward("shapes_preference")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, final_scores, run_all, table
+from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, run_all, table
 
 PRESET = "configs/prdp/shapes_small.yaml"
 CONTROLS = {
@@ -78,14 +78,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--controls", nargs="+", default=list(CONTROLS), choices=list(CONTROLS))
     parser.add_argument("--preset", default=PRESET)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=None, help="override the preset's epochs")
-    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "controls")
+    add_run_arguments(parser, "controls", [0], 2)
     parser.add_argument("--section", default="controls")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     plan = arms(args.settings, args.controls, args.preset)
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)

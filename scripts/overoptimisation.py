@@ -17,7 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, final_scores, read_jsonl, run_all, table
+from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, read_jsonl, run_all, table
 
 PRDP, DDPO = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 ARMS = {a.name: a for a in [
@@ -102,12 +102,7 @@ def plot(runs: dict[str, list[Path]], path: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=None, help="override the presets' epochs")
-    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads per run")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "overoptimisation")
-    parser.add_argument("--no-write", action="store_true")
+    add_run_arguments(parser, "overoptimisation", [0], 2)
     args = parser.parse_args()
     plan = [resolve(ARMS[name]) for name in args.arms]
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)

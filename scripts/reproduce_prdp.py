@@ -23,7 +23,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, final_scores, read_jsonl, run_all, table
+from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, read_jsonl, run_all, table
 
 PRDP_SMALL, DDPO_SMALL = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 PRDP_LARGE, DDPO_LARGE = "configs/prdp/shapes_large.yaml", "configs/ddpo/shapes_large.yaml"
@@ -121,14 +121,9 @@ def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int]) -> Path
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    add_run_arguments(parser, "reproduce", [0, 1, 2], 1)
     parser.add_argument("--claims", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 10.0, 100.0])
-    parser.add_argument("--epochs", type=int, default=None, help="override every preset's epochs")
-    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per run")
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "reproduce")
-    parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     plan = {c: arms for c, arms in claims(args.betas).items() if c in args.claims}
     unique = {arm.name: arm for arms in plan.values() for arm in arms}

@@ -30,6 +30,16 @@ class Arm:
     overrides: list[str] = field(default_factory=list)
 
 
+def add_run_arguments(parser, out: str, seeds: list[int], threads: int) -> None:
+    """The options every experiment script shares: seeds, epochs, parallel runs, threads, run folder, no-write."""
+    parser.add_argument("--seeds", type=int, nargs="+", default=seeds)
+    parser.add_argument("--epochs", type=int, default=None, help="override every preset's epochs (extends runs)")
+    parser.add_argument("--workers", type=int, default=1, help="runs in parallel")
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads per run")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / out, help="where the runs live")
+    parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "MODELS": "loading", "load_pipeline": "loading", "resolve_model": "loading",
-    "ddim_step_with_logprob": "logprob",
+    "ddim_step_with_logprob": "logprob", "flow_sde_step_with_logprob": "flow",
     "Trajectory": "sampling", "decode_latents": "sampling", "encode_prompts": "sampling",
     "generators_for": "sampling", "sample_trajectories": "sampling",
     "SamplerSettings": "settings", "SCHEDULER_FAMILIES": "settings",

@@ -11,7 +11,8 @@ with one *control* reward:
   prompts and hold it on held-out prompts, no comparison of methods means anything.
 * ``proxy``: the learned reward the presets train on (``shapes_preference``).
 * ``taste``: the hidden taste alone (``shapes_taste:40``): bolder, larger, crisper objects, visible in the grid.
-* ``noclip``: the negative control, PRDP without its proximal clip (``train.prdp.clip_range=.inf``), which collapses.
+* ``noclip``: the negative control, PRDP without its proximal clip
+  (``train.prdp.clip_range=1e9``: no log-ratio is ever clipped; settings must be finite), which collapses.
 
 Runs live in ``--out`` (default ``outputs/controls``) as SETTING-CONTROL/seedS; they resume and are reused
 (scripts/runs.py).
@@ -29,7 +30,7 @@ CONTROLS = {
     "oracle": ["train.reward=shapes_gold:40"],
     "proxy": [],
     "taste": ["train.reward=shapes_taste:40"],
-    "noclip": ["train.prdp.clip_range=.inf"],
+    "noclip": ["train.prdp.clip_range=1e9"],
 }
 # Trainer settings tried while diagnosing, in the order they were tried (each justified by a control's row).
 SETTINGS = {

@@ -34,7 +34,7 @@ def claims(betas: list[float]) -> dict[int, list[Arm]]:
     return {
         1: [Arm("prdp_small", PRDP_SMALL), Arm("ddpo_small", DDPO_SMALL), Arm("oracle_small", PRDP_SMALL, [ORACLE])],
         2: [Arm("prdp_large", PRDP_LARGE), Arm("ddpo_large", DDPO_LARGE), Arm("oracle_large", PRDP_LARGE, [ORACLE])],
-        3: [Arm("prdp_small", PRDP_SMALL), Arm("prdp_small_noclip", PRDP_SMALL, ["train.prdp.clip_range=.inf"])],
+        3: [Arm("prdp_small", PRDP_SMALL), Arm("prdp_small_noclip", PRDP_SMALL, ["train.prdp.clip_range=1e9"])],
         4: [beta_arm(b) for b in sorted(betas)],
     }
 

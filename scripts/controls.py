@@ -45,7 +45,7 @@ SETTINGS = {
     "lora8-lr5e-4-eval8": ["lora_rank=8", "train.optim.lr=5e-4", "prompts_file=null", "prompts=EVAL"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
-           ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL")]
+           ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL", ".3g")]
 
 
 def arms(settings: list[str], controls: list[str], preset: str) -> list[Arm]:
@@ -82,8 +82,13 @@ def main() -> None:
     add_run_arguments(parser, "controls", [0], 2)
     parser.add_argument("--section", default="controls")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
+    parser.add_argument("--existing", action="store_true", help="only the runs that have finished; start none")
     args = parser.parse_args()
     plan = arms(args.settings, args.controls, args.preset)
+    if args.existing:  # tabulate what has run, start nothing
+        done = lambda arm: all((args.out / arm.name / f"seed{s}" / "summary.json").is_file()  # noqa: E731
+                               for s in args.seeds)
+        plan = [a for a in plan if done(a)]
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
     names = [a.name for a in plan]

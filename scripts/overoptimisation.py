@@ -32,7 +32,7 @@ ARMS = {a.name: a for a in [
 ]}
 COLUMNS = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
-           ("peak_gold", "peak Δ gold (eval)"), ("kl_at_peak", "KL at the peak"), ("kl", "summed KL")]
+           ("peak_gold", "peak Δ gold (eval)"), ("kl_at_peak", "KL at the peak", ".3g"), ("kl", "summed KL", ".3g")]
 
 
 def resolve(arm: Arm) -> Arm:

@@ -95,10 +95,10 @@ def final_scores(folder: Path) -> dict[str, float]:
     return scores
 
 
-def mean_std(values: list[float]) -> str:
+def mean_std(values: list[float], fmt: str = "+.3f") -> str:
     if len(values) == 1:
-        return f"{values[0]:+.3f}"
-    return f"{statistics.mean(values):+.3f} ± {statistics.stdev(values):.3f}"
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
 
 
 DELTA_COLUMNS = [("d_eval_reward", "Δ training reward (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
@@ -107,11 +107,11 @@ DELTA_COLUMNS = [("d_eval_reward", "Δ training reward (eval prompts)"), ("d_eva
 
 
 def table(names: list[str], results: dict[str, list[dict]], columns=DELTA_COLUMNS) -> str:
-    """Markdown table, one row per arm: mean ± std over its seeds of each column, and its train minutes."""
-    lines = ["| run | " + " | ".join(label for _, label in columns) + " | train minutes |",
-             "|---" * (len(columns) + 2) + "|"]
+    """Markdown table, one row per arm: mean ± std over its seeds of each column (``(key, label[, format])``), and
+    its train minutes."""
+    lines = ["| run | " + " | ".join(c[1] for c in columns) + " | train minutes |", "|---" * (len(columns) + 2) + "|"]
     for name in names:
         rows = results[name]
-        cells = [mean_std([r[k] for r in rows]) if k in rows[0] else "–" for k, _ in columns]
+        cells = [mean_std([r[c[0]] for r in rows], *c[2:]) if c[0] in rows[0] else "–" for c in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {statistics.mean(r['minutes'] for r in rows):.1f} |")
     return "\n".join(lines)

@@ -41,6 +41,7 @@ SETTINGS = {
     "lora8-lr5e-4": ["lora_rank=8", "train.optim.lr=5e-4"],
     "lora8-lr2e-3": ["lora_rank=8", "train.optim.lr=2e-3"],
     "lora8-lr2e-3-g1": ["lora_rank=8", "train.optim.lr=2e-3", "train.groups_per_update=1"],
+    "lora8-lr5e-3": ["lora_rank=8", "train.optim.lr=5e-3"],  # can the trainer move the images visibly at all?
     # train on the 8 evaluation prompts only: ~4.5 samples per prompt and epoch instead of 1
     "lora8-lr5e-4-eval8": ["lora_rank=8", "train.optim.lr=5e-4", "prompts_file=null", "prompts=EVAL"],
 }

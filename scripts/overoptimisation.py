@@ -21,26 +21,19 @@ from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, read_jsonl
 
 PRDP, DDPO = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 ARMS = {a.name: a for a in [
-    Arm("prdp", PRDP),
-    Arm("prdp-beta0.3", PRDP, ["train.prdp.beta=0.3"]),
-    Arm("prdp-beta3", PRDP, ["train.prdp.beta=3"]),
+    Arm("prdp", PRDP),  # the presets: LoRA rank 8, lr 5e-4, beta 1, clip 1e-2
+    Arm("prdp-lr2e-3", PRDP, ["train.optim.lr=2e-3"]),
+    Arm("prdp-lr5e-3", PRDP, ["train.optim.lr=5e-3"]),
+    Arm("prdp-beta10", PRDP, ["train.prdp.beta=10"]),
     Arm("prdp-clip0.1", PRDP, ["train.prdp.clip_range=0.1"]),
-    Arm("prdp-lr3x", PRDP, ["train.optim.lr=LR3X"]),
     Arm("ddpo", DDPO),
+    Arm("ddpo-lr2e-3", DDPO, ["train.optim.lr=2e-3"]),
+    Arm("ddpo-lr5e-3", DDPO, ["train.optim.lr=5e-3"]),
     Arm("ddpo-clip0.1", DDPO, ["train.ddpo.clip_range=0.1"]),
-    Arm("ddpo-lr3x", DDPO, ["train.optim.lr=LR3X"]),
 ]}
 COLUMNS = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("peak_gold", "peak Δ gold (eval)"), ("kl_at_peak", "KL at the peak", ".3g"), ("kl", "summed KL", ".3g")]
-
-
-def resolve(arm: Arm) -> Arm:
-    """Fill ``LR3X`` with three times the preset's learning rate."""
-    from rewardtune.presets import load_preset
-
-    lr = load_preset(ROOT / arm.preset, ROOT / "configs").train.optim.lr
-    return Arm(arm.name, arm.preset, [o.replace("LR3X", f"{3 * lr:g}") for o in arm.overrides])
 
 
 def curves(folder: Path) -> dict[str, list[float]]:
@@ -104,7 +97,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     add_run_arguments(parser, "overoptimisation", [0], 2)
     args = parser.parse_args()
-    plan = [resolve(ARMS[name]) for name in args.arms]
+    plan = [ARMS[name] for name in args.arms]
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [with_peak(final_scores(f), curves(f)) for f in folders] for name, folders in runs.items()}
     figure = plot(runs, FIGURES / "overoptimisation.png")

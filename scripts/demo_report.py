@@ -38,7 +38,8 @@ def main() -> None:
                          ("kl_curve.png", "demo_kl_curve.png")):
         if (args.run / name).is_file():
             figures[name] = FIGURES / target
-            shutil.copyfile(args.run / name, figures[name])
+            if not args.no_write:
+                shutil.copyfile(args.run / name, figures[name])
     from rewardtune.utils.benchmarks import header, update_section
 
     text = header("make demo (= rewardtune finetune configs/prdp/shapes_small.yaml output_dir=outputs/demo "

@@ -278,6 +278,7 @@ TINY_OPTIONS: dict[str, Callable[[Path], dict[str, Any]]] = {
     "jpeg_compressibility": no_files,
     "jpeg_incompressibility": no_files,
     "shapes_gold": no_files,
+    "shapes_taste": no_files,
     "shapes_alignment": shapes_alignment_options,
     "shapes_preference": shapes_preference_options,
     "hpsv2": hpsv2_options,

@@ -81,7 +81,9 @@ def plot(runs: dict[str, list[Path]], path: Path) -> Path:
             ax.set_title(title)
     for ax in axes.flat:
         ax.axhline(0, color="gray", lw=0.8)
-        ax.set_xlabel("summed approximate KL (policy drift)")
+        ax.set_xscale("symlog", linthresh=1e-5)  # runs drift from ~1e-5 to ~1: a linear axis hides the small ones
+        ax.set_xlim(left=0)
+        ax.set_xlabel("summed approximate KL (policy drift, symlog)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle("over-optimisation: proxy (shapes_preference) vs gold, mean over seeds")

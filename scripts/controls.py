@@ -63,7 +63,7 @@ def grid_figure(names: list[str], out: Path, seed: int, path: Path) -> Path:
     from PIL import Image, ImageDraw
 
     rows = [Image.open(out / n / f"seed{seed}" / "before_after.png").convert("RGB") for n in names]
-    rows = [r.resize((r.width // 2, r.height // 2), Image.LANCZOS) for r in rows]  # a readable, small figure
+    rows = [r.resize((r.width // 3, r.height // 3), Image.LANCZOS) for r in rows]  # a readable, small figure
     width, label = max(r.width for r in rows), 16
     canvas = Image.new("RGB", (width, sum(r.height + label for r in rows)), "white")
     y = 0
@@ -72,7 +72,7 @@ def grid_figure(names: list[str], out: Path, seed: int, path: Path) -> Path:
         canvas.paste(row, (0, y + label))
         y += row.height + label
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    canvas.save(path, optimize=True)
     return path
 
 

@@ -118,6 +118,13 @@ def log_prob_change(config: str, overrides: list[str], new: list[str]) -> float:
     return (rescored - out.trajectory.log_probs).abs().max().item()
 
 
+def revision(checkout: Path) -> str:
+    """``checkout``'s git commit (short), or its path when it is not a git checkout."""
+    found = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True,
+                           text=True)
+    return f"{checkout} (commit {found.stdout.strip()})" if found.returncode == 0 else str(checkout)
+
+
 def side_by_side(args) -> str:
     before = (args.before or ROOT).resolve()
     config = Path(args.config).resolve()
@@ -137,10 +144,10 @@ def side_by_side(args) -> str:
         lines.append(f"| {bold}{key}{bold} | {med['today'][key]:.2f} | {med['new'][key]:.2f} | "
                      f"{bold}{ratio:.2f}x{bold} |")
     return header(command_line()) + (
-        f"`{relative}` {' '.join(args.overrides)}: today = the checkout at {before} with its copy of the preset; "
-        f"new = this checkout's preset with `{' '.join(args.new) or '(no change)'}`. {args.rounds} alternating "
-        f"rounds of {args.epochs}-epoch runs, median over epochs 2-{args.epochs} of every round (epoch 1 has no "
-        f"reference pass). Log-probs of 12 base-model trajectories re-scored by the new trainable model at its "
+        f"`{relative}` {' '.join(args.overrides)}: today = the checkout at {revision(before)} with its copy of the "
+        f"preset; new = this checkout's preset with `{' '.join(args.new) or '(no change)'}`. {args.rounds} "
+        f"alternating rounds of {args.epochs}-epoch runs, median over epochs 2-{args.epochs} of every round (epoch 1 "
+        f"has no reference pass). Log-probs of 12 base-model trajectories re-scored by the new trainable model at its "
         f"initialisation: max |difference| {change:.3g}.\n\n" + "\n".join(lines) + "\n")
 
 

@@ -98,7 +98,7 @@ def main() -> None:
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     text = "\n".join([
-        header(command_line()), args.note, "",
+        header(command_line().replace(args.note, "TEXT") if args.note else command_line()), args.note, "",
         f"Preset `{args.preset}`; seeds {args.seeds}; Δ = after the last epoch minus before finetuning on the fixed "
         "evaluation (the preset's 8 evaluation prompts x 4 seeds, and 16 held-out prompts spread over "
         "shapes_heldout, one image each); mean ± std over seeds. Settings: "

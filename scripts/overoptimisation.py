@@ -19,6 +19,8 @@ from pathlib import Path
 
 from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, read_jsonl, run_all, table
 
+from rewardtune.finetune.report import summed_kl
+
 PRDP, DDPO = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 ARMS = {a.name: a for a in [
     Arm("prdp", PRDP),  # the presets: LoRA rank 8, lr 5e-4, beta 1, clip 1e-2
@@ -40,10 +42,7 @@ def curves(folder: Path) -> dict[str, list[float]]:
     """Per evaluation (epoch 0 and every checkpoint): summed KL so far, proxy and gold gain on the evaluation
     prompts; per epoch: summed KL and held-out proxy and gold gain."""
     metrics, evals = read_jsonl(folder / "metrics.jsonl"), read_jsonl(folder / "eval.jsonl")
-    kl, total = {0: 0.0}, 0.0
-    for r in metrics:
-        total += (r.get("approx_kl") or 0.0) * (r.get("steps") or 0)
-        kl[r["epoch"]] = total
+    kl = {0: 0.0, **{r["epoch"]: total for r, total in zip(metrics, summed_kl(metrics))}}
     first = evals[0]
     out = {"eval_kl": [kl[r["epoch"]] for r in evals],
            "eval_proxy": [r["eval_reward"] - first["eval_reward"] for r in evals],

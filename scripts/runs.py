@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rewardtune.finetune.report import summed_kl
+
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
 
@@ -90,7 +92,7 @@ def final_scores(folder: Path) -> dict[str, float]:
     if "eval_gold" in first:
         scores["min_gold"] = min(r["eval_gold"] for r in evals) - first["eval_gold"]
     metrics = read_jsonl(folder / "metrics.jsonl")
-    scores["kl"] = sum((r.get("approx_kl") or 0.0) * (r.get("steps") or 0) for r in metrics)
+    scores["kl"] = summed_kl(metrics)[-1] if metrics else 0.0
     scores["minutes"] = sum(r[f"seconds_{k}"] for r in metrics for k in ("sampling", "reward", "update")) / 60
     return scores
 

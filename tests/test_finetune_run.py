@@ -279,3 +279,12 @@ def test_heldout_prompts_are_spread_over_the_list():
     heldout = spread(read_prompts("shapes_heldout"), 16)
     assert len(set(heldout)) == 16
     assert {"small", "medium", "large"} <= {parse_prompt(p)["size"] for p in heldout}  # the first 16 are all large
+
+
+def test_summed_kl_accumulates_approx_kl_times_steps():
+    from rewardtune.finetune.report import summed_kl
+
+    records = [{"approx_kl": 0.5, "steps": 2}, {"approx_kl": None, "steps": 4}, {"steps": 3},
+               {"approx_kl": 0.25, "steps": 4}]
+    assert summed_kl(records) == [1.0, 1.0, 1.0, 2.0]  # 0.5*2, +0 (None), +0 (missing), +0.25*4
+    assert summed_kl([]) == []

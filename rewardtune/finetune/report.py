@@ -4,6 +4,7 @@ closing before -> after comparison (``summary.json``, ``before_after.png``)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -190,6 +191,12 @@ def plot_reward_curve(out: str | Path) -> Path | None:
                        title="reward per epoch (held-out: fixed prompts and seeds; training: faint, 5-epoch mean)")
 
 
+def summed_kl(records: list[dict]) -> list[float]:
+    """The policy's drift after each epoch record: ``sum approx_kl * steps`` over that and every earlier epoch (the
+    per-step approximate KL to the sampling snapshot summed over all gradient steps; a missing value counts 0)."""
+    return list(itertools.accumulate((r.get("approx_kl") or 0.0) * (r.get("steps") or 0) for r in records))
+
+
 def plot_overoptimisation(out: str | Path) -> Path | None:
     """``out/kl_curve.png``: gain of the proxy (trained) and the gold reward over epoch 1, against the drift of the
     policy, measured as the per-step approximate KL to the sampling snapshot summed over all gradient steps
@@ -199,10 +206,7 @@ def plot_overoptimisation(out: str | Path) -> Path | None:
     records = read_metrics(Path(out) / "metrics.jsonl")
     if len(records) < 2:
         return None
-    drift, total = [], 0.0
-    for r in records:
-        total += (r.get("approx_kl") or 0.0) * (r.get("steps") or 0)
-        drift.append(total)
+    drift = summed_kl(records)
     series = {}
     for key, label in (("reward_mean", "proxy (training)"), ("heldout_reward", "proxy (held-out)"),
                        ("gold_reward", "gold (training)"), ("heldout_gold", "gold (held-out)")):

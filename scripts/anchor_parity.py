@@ -86,7 +86,7 @@ def logprob_parity(pipe, anchor, prompts: list[str], steps: int, seeds: list[int
     scheduler.set_timesteps(steps)
     batch = len(prompts)
     embeds = encode_prompts(pipe, prompts)
-    negative = encode_prompts(pipe, [""]).expand_as(embeds)
+    negative = encode_prompts(pipe, [""]).expand(len(embeds))
     gen_rt, gen_anchor = generators_for(seeds), generators_for(seeds)
     shape = latent_shape(pipe, batch)
     x = randn_tensor(shape, generator=gen_rt, dtype=torch.float32) * scheduler.init_noise_sigma

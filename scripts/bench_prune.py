@@ -146,7 +146,8 @@ def recovery_settings(run_dir: Path) -> str:
 
 def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
     pipe = load_pipeline("shapes-tiny")
-    pipe.states, pipe.empty = encode_prompts(pipe, ["a red circle on a white background"]), encode_prompts(pipe, [""])
+    pipe.states = encode_prompts(pipe, ["a red circle on a white background"]).embeds
+    pipe.empty = encode_prompts(pipe, [""]).embeds
     original = pipe.unet
     variants = {"original": original}
     variants.update({name: prune_unet(original, **kw) for name, (kw, _) in SHAPES_VARIANTS.items()})

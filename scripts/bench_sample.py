@@ -19,8 +19,8 @@ from rewardtune.utils.benchmarks import command_line, header, median_seconds, up
 
 def _two_pass_predict(unet, latents, t, prompt_embeds, negative_embeds, guidance):
     """The unbatched alternative: separate conditional and unconditional UNet calls."""
-    cond = unet(latents, t, encoder_hidden_states=prompt_embeds).sample
-    uncond = unet(latents, t, encoder_hidden_states=negative_embeds).sample
+    cond = prompt_embeds.call(unet, latents, t)
+    uncond = negative_embeds.call(unet, latents, t)
     return uncond + guidance * (cond - uncond)
 
 

@@ -44,6 +44,52 @@ def build_tiny_pipeline(folder):
     return folder / "pipe"
 
 
+def build_tiny_flow_pipeline(folder, t5: bool = False):
+    """A random tiny SD3 pipeline (two CLIP encoders with projections, optionally a T5 encoder, a 2-block
+    ``SD3Transformer2DModel``, a flow-matching scheduler), saved with ``save_pretrained``."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from rewardtune.shapes.tiny_models import save_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(save_clip_tokenizer(TOKENIZER_CORPUS, folder / "_tokenizer"))
+
+    def clip():
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=32, projection_dim=8, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id))
+
+    t5_encoder = t5_tokenizer = None
+    if t5:
+        from transformers import T5Config, T5EncoderModel
+
+        t5_encoder = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=32, d_ff=32, d_kv=8, num_layers=1,
+                                             num_heads=2, pad_token_id=tokenizer.eos_token_id))
+        t5_tokenizer = tokenizer
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
+    with torch.no_grad():  # AdaLN-zero starts at zero: perturb so that outputs depend on every input
+        for param in transformer.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, sample_size=32,
+        shift_factor=0.1)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=clip(), tokenizer=tokenizer, text_encoder_2=clip(),
+                                    tokenizer_2=tokenizer, text_encoder_3=t5_encoder, tokenizer_3=t5_tokenizer)
+    pipe.save_pretrained(folder / "pipe")  # without a T5, model_index.json lacks text_encoder_3: load must cope
+    return folder / "pipe"
+
+
 # The integration tier: tests that run whole commands or jobs end to end (the rest are unit tests of one piece).
 INTEGRATION = ("reliability/", "_cli.py", "_run.py", "test_commands.py", "test_finetune_multiprocess.py",
                "test_finetune_algorithm_registry.py", "test_prune_registry.py")
@@ -60,6 +106,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny_sd"))
+
+
+@pytest.fixture(scope="session")
+def tiny_flow_pipeline_dir(tmp_path_factory):
+    return build_tiny_flow_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
 
 
 @pytest.fixture(scope="session")

@@ -73,5 +73,5 @@ def test_the_entry_declares_what_the_config_checks(toy):
         FinetuneConfig(algorithm="toy", images_per_prompt=3, algorithm_options={"nope": 1})
     with pytest.raises(ConfigError, match="'algorithm_options' must be empty: prdp takes its options from"):
         FinetuneConfig(algorithm="prdp", algorithm_options={"scale": 1})
-    with pytest.raises(ConfigError, match="'algorithm' must be one of 'ddpo', 'prdp', 'toy'"):
+    with pytest.raises(ConfigError, match="'algorithm' must be one of 'ddpo', 'grpo', 'prdp', 'toy'"):
         FinetuneConfig(algorithm="ppo")

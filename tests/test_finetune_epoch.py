@@ -264,5 +264,5 @@ def test_config_errors_name_the_key():
         FinetuneConfig(prompts_per_epoch=32, groups_per_update=3)
     with pytest.raises(ConfigError, match="'algorithm'"):
         from_dict(FinetuneConfig, {"algorithm": "ppo"})
-    with pytest.raises(UserError, match="choose one of: ddpo, prdp"):
+    with pytest.raises(UserError, match="choose one of: ddpo, grpo, prdp"):
         ALGORITHMS.get("ppo")

@@ -258,15 +258,19 @@ def test_preset_files_load_and_cli_accepts_them(tmp_path):
     from rewardtune.presets import load_preset
 
     configs = Path(__file__).resolve().parents[1] / "configs"
-    for job in ("prdp", "ddpo"):
+    for job in ("prdp", "ddpo", "grpo"):
         cfg = load_preset(configs / job / "shapes_small.yaml", configs)
         assert cfg.train.algorithm == job and cfg.gold_reward == "shapes_gold"
         assert cfg.train.reward == "shapes_preference" and cfg.model == "shapes-tiny"
-    for size in ("small", "large"):  # PRDP and DDPO presets: equal budgets, only the loss differs
-        prdp, ddpo = (load_preset(configs / job / f"shapes_{size}.yaml", configs) for job in ("prdp", "ddpo"))
-        assert (prdp.lora_rank, prdp.epochs, prdp.prompts_file) == (ddpo.lora_rank, ddpo.epochs, ddpo.prompts_file)
-        for key in ("prompts_per_epoch", "images_per_prompt", "inner_steps", "timestep_fraction", "optim", "sampling"):
-            assert getattr(prdp.train, key) == getattr(ddpo.train, key), key
+    for size in ("small", "large"):  # PRDP, DDPO and GRPO presets: equal budgets, only the loss differs
+        prdp, *others = (load_preset(configs / job / f"shapes_{size}.yaml", configs)
+                         for job in ("prdp", "ddpo", "grpo"))
+        for other in others:
+            assert (prdp.lora_rank, prdp.epochs, prdp.prompts_file) == (other.lora_rank, other.epochs,
+                                                                        other.prompts_file)
+            for key in ("prompts_per_epoch", "images_per_prompt", "inner_steps", "timestep_fraction", "optim",
+                        "sampling"):
+                assert getattr(prdp.train, key) == getattr(other.train, key), (other.train.algorithm, key)
 
 
 def test_heldout_prompts_are_spread_over_the_list():

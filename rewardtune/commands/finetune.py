@@ -9,7 +9,7 @@ from rewardtune.commands.common import add_config_arguments, load_job_config
 from rewardtune.finetune.config import RunConfig
 
 SCHEMA = RunConfig
-PRESETS = ("prdp", "ddpo")  # configs/prdp/*.yaml and configs/ddpo/*.yaml
+PRESETS = ("prdp", "ddpo", "grpo")  # configs/prdp/*.yaml, configs/ddpo/*.yaml and configs/grpo/*.yaml
 
 DESCRIPTION = ("Online reward finetuning, e.g. `rewardtune finetune configs/prdp/shapes_small.yaml epochs=2 "
                "output_dir=out/run resume=auto`. Multi-process: `accelerate launch -m rewardtune finetune CONFIG`.")

@@ -35,8 +35,9 @@ class SampleConfig:
     ``model``: registered name, local pipeline folder or hub id (null: shapes-tiny, or the base named in the
     ``lora`` folder); ``lora``: LoRA weights to load on top of ``model`` (the final/ folder of a LoRA finetuning
     run); ``prompts`` / ``prompts_file``: the prompts, inline or from a file (.txt, .csv, .jsonl or a shipped set
-    such as shapes_heldout), one of them; ``num_images``: images per prompt; ``steps``: DDIM steps; ``guidance``:
-    classifier-free guidance scale (1 disables it); ``eta``: DDIM eta (0 deterministic, 1 DDPM-like); ``seed``:
+    such as shapes_heldout), one of them; ``num_images``: images per prompt; ``steps``: denoising steps; ``guidance``:
+    classifier-free guidance scale (1 disables it); ``eta``: DDIM eta (0 deterministic, 1 DDPM-like), for a flow
+    model (SD3) the SDE's noise level (0 is the ODE, as diffusers samples); ``seed``:
     image k uses seed + k; ``batch_size``: images per denoising call; ``height`` / ``width``: pixels, a multiple of
     the VAE scale factor (null: the model's size); ``dtype``: float32, float16 or bfloat16; ``device``: cpu, cuda,
     cuda:N or mps; ``out``: output folder (new or empty unless ``overwrite``); ``overwrite``: allow writing into a
@@ -66,7 +67,8 @@ class SampleConfig:
         self.sampler()  # steps, guidance, eta, batch_size, height, width: the sampler settings' own rules
 
     def sampler(self):
-        """The :class:`~rewardtune.diffusion.settings.SamplerSettings` of these flags (DDIM, empty negative)."""
+        """The :class:`~rewardtune.diffusion.settings.SamplerSettings` of these flags (the model's own scheduler
+        family, empty negative)."""
         from rewardtune.diffusion.settings import SamplerSettings
 
         return SamplerSettings(steps=self.steps, guidance=self.guidance, eta=self.eta, batch_size=self.batch_size,
@@ -115,13 +117,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--prompts", metavar="FILE", dest="prompts_file", default=unset,
                      help="prompt file: .txt (one per line), .csv or .jsonl")
     flag("--num-images", type=positive_int, help=f"images per prompt (default {SampleConfig.num_images})")
-    flag("--steps", type=positive_int, help=f"DDIM steps (default {SampleConfig.steps})")
+    flag("--steps", type=positive_int, help=f"denoising steps (default {SampleConfig.steps})")
     flag("--guidance", type=finite_float, help=f"classifier-free guidance scale (default {SampleConfig.guidance:g})")
-    flag("--eta", type=finite_float, help=f"DDIM eta: 0 deterministic, 1 DDPM-like (default {SampleConfig.eta:g})")
+    flag("--eta", type=finite_float, help="DDIM eta: 0 deterministic, 1 DDPM-like; for flow models (SD3) the SDE "
+         f"noise level, 0 the ODE (default {SampleConfig.eta:g})")
     flag("--seed", type=int, help=f"image k uses seed+k (default {SampleConfig.seed})")
     flag("--batch-size", type=positive_int, help=f"default {SampleConfig.batch_size}")
-    flag("--height", type=positive_int, help="pixels, a multiple of the VAE scale factor (8 for Stable Diffusion; "
-         "default: the model's size)")
+    flag("--height", type=positive_int, help="pixels, a multiple of the VAE scale factor times the patch size (8 "
+         "for Stable Diffusion, 16 for SD3; default: the model's size)")
     flag("--width", type=positive_int, help="pixels, like --height")
     flag("--dtype", help=f"float32, float16 or bfloat16 (default {SampleConfig.dtype})")
     flag("--device", help=f"cpu, cuda, cuda:1, mps ... (default {SampleConfig.device})")

@@ -1,4 +1,5 @@
-"""Load any Stable Diffusion 1.x / 2.x pipeline from a registered name, a local folder or a hub id."""
+"""Load a Stable Diffusion pipeline (SD 1.x / 2.x UNet, SD3 / SD3.5 transformer: the kinds of
+:data:`rewardtune.diffusion.backbones.BACKBONES`) from a registered name, a local folder or a hub id."""
 
 from __future__ import annotations
 
@@ -164,16 +165,44 @@ def load_lora(pipe, lora: str | Path) -> None:
                         "pass the --model it was trained from") from None
 
 
+def pipeline_class(source: str, local: bool) -> type:
+    """The diffusers pipeline class that ``model_index.json`` of ``source`` names; a one-line UserError for a kind
+    rewardtune does not support."""
+    import diffusers
+
+    from rewardtune.diffusion.backbones import BACKBONES
+
+    if local:
+        name = json.loads((Path(source) / "model_index.json").read_text()).get("_class_name")
+    else:
+        name = diffusers.DiffusionPipeline.load_config(source).get("_class_name")
+    if name not in BACKBONES:
+        raise UserError(f"{source!r} is a {name} pipeline; rewardtune supports " + ", ".join(BACKBONES.names()))
+    return getattr(diffusers, name)
+
+
+def _absent_components(cls: type, source: str, local: bool) -> dict:
+    """``{name: None}`` for each component a local folder's ``model_index.json`` leaves out or names as null (a
+    T5-less SD3's ``text_encoder_3``): diffusers' ``from_pretrained`` refuses such a folder unless they are passed."""
+    from rewardtune.diffusion.backbones import missing_components
+
+    if not local:
+        return {}
+    index = json.loads((Path(source) / "model_index.json").read_text())
+    return dict.fromkeys(missing_components(cls, index))
+
+
 def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu",
                   lora: str | Path | None = None):
-    """A ``StableDiffusionPipeline`` with a ``DDIMScheduler``, on ``device`` in ``dtype``, progress bars off;
+    """The pipeline ``model_index.json`` names (SD with a ``DDIMScheduler``; SD3 with its flow-matching scheduler
+    and exact T5-less attention, :mod:`rewardtune.diffusion.sd3`), on ``device`` in ``dtype``, progress bars off;
     with ``lora``, the LoRA weights of that folder loaded on top.
 
     Raises:
         ModelNotFoundError: the weights are not on disk and cannot be downloaded (one line naming the model and
             how to supply it), or ``model`` is a LoRA folder (use ``lora``).
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from rewardtune.diffusion.backbones import BACKBONES
 
     source = resolve_model(model)
     local = Path(source).exists()
@@ -182,19 +211,22 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
     if lora is not None:
         lora_weights(lora)  # before the (slow) base model load
     try:
-        unet = _custom_unet(source, dtype) if local else {}
         hub = contextlib.nullcontext() if local else offline_unless_reachable()  # no minute of retries offline
         with hub, _loading_bar(logger.isEnabledFor(logging.INFO)):
-            pipe = StableDiffusionPipeline.from_pretrained(source, **{_dtype_kwarg(): to_dtype(dtype)},
-                                                           safety_checker=None, requires_safety_checker=False,
-                                                           **unet)
+            cls = pipeline_class(source, local)
+            backbone = BACKBONES.get(cls.__name__)
+            parts = {**_absent_components(cls, source, local), **backbone.load_kwargs}
+            if local and backbone.attribute == "unet":
+                parts.update(_custom_unet(source, dtype))
+            pipe = cls.from_pretrained(source, **{_dtype_kwarg(): to_dtype(dtype)}, **parts)
     except (OSError, ValueError) as exc:
         if local:
             raise ModelNotFoundError(f"cannot load pipeline folder {source!r}: {str(exc).splitlines()[0]}") from None
         what = f"model {model!r}" + (f" ({source})" if source != model else "")
         raise not_found_error(what, source, option="--model", local="pipeline folder") from None
-    _check_unet(pipe)  # e.g. a pruned UNet saved into a mismatched pipeline folder: one-line error
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    if backbone.attribute == "unet":
+        _check_unet(pipe)  # e.g. a pruned UNet saved into a mismatched pipeline folder: one-line error
+    backbone.prepare(pipe)
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         load_lora(pipe, lora)

@@ -1,8 +1,9 @@
 """Re-scoring stored transitions: the log-probability of recorded denoising steps ``x_t -> x_{t-1}`` under a
 (possibly updated, or reference) model, through the same scheduler-family step that sampled them.
 
-``transitions`` is any object with ``latents [S,T+1,C,h,w]``, ``timesteps [T]``, ``prompt_embeds [G,L,D]``,
-``group [S]`` (each sample's row of ``prompt_embeds``), ``negative_embeds [1,L,D]`` or None, and optionally
+``transitions`` is any object with ``latents [S,T+1,C,h,w]``, ``timesteps [T]``, ``prompt_embeds`` (a
+:class:`~rewardtune.diffusion.backbones.Conditioning` of G rows), ``group [S]`` (each sample's row of
+``prompt_embeds``), ``negative_embeds`` (one row) or None, and optionally
 ``family`` (the scheduler family that sampled them, default ``ddim``), e.g. the finetuning
 :class:`~rewardtune.finetune.rollout.Rollouts`.
 """
@@ -11,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from rewardtune.diffusion.sampling import predict_noise
+from rewardtune.diffusion.sampling import predict_noise, scale_model_input
 from rewardtune.diffusion.settings import family_step
 
 
-def model_dtype(unet) -> torch.dtype:
-    """Input dtype of ``unet`` (a diffusers model, or a wrapper such as DDP whose ``.module`` is one)."""
-    inner = getattr(unet, "module", unet)
+def model_dtype(model) -> torch.dtype:
+    """Input dtype of ``model`` (a diffusers model, or a wrapper such as DDP whose ``.module`` is one)."""
+    inner = getattr(model, "module", model)
     return getattr(inner, "dtype", None) or next(inner.parameters()).dtype
 
 
@@ -32,9 +33,9 @@ def sync_timesteps(scheduler, timesteps: torch.Tensor) -> None:
                          f"recorded ones {timesteps.tolist()}; use the scheduler that sampled the rollouts")
 
 
-def pair_log_probs(unet, scheduler, transitions, samples: torch.Tensor, steps: torch.Tensor,
+def pair_log_probs(model, scheduler, transitions, samples: torch.Tensor, steps: torch.Tensor,
                    guidance: float, eta: float) -> torch.Tensor:
-    """``log p_theta(x_{t-1} | x_t, c)`` of P recorded transitions in one (CFG-batched) UNet call.
+    """``log p_theta(x_{t-1} | x_t, c)`` of P recorded transitions in one (CFG-batched) denoiser call.
 
     Args:
         samples, steps: ``[P]`` sample indices and step indices (step j scores ``latents[:, j] -> latents[:, j+1]``
@@ -48,19 +49,19 @@ def pair_log_probs(unet, scheduler, transitions, samples: torch.Tensor, steps: t
     x_t = transitions.latents[samples, steps]
     x_prev = transitions.latents[samples, steps + 1]
     t = transitions.timesteps.to(device)[steps]
-    dtype = model_dtype(unet)
+    dtype = model_dtype(model)
     embeds = transitions.prompt_embeds[transitions.group[samples]].to(dtype)
     negative = transitions.negative_embeds
     if negative is not None:
-        negative = negative.to(dtype).expand(len(samples), -1, -1)
-    model_in = scheduler.scale_model_input(x_t, t).to(dtype)
-    noise = predict_noise(unet, model_in, t, embeds, negative, guidance)
+        negative = negative.to(dtype).expand(len(samples))
+    model_in = scale_model_input(scheduler, x_t, t).to(dtype)
+    noise = predict_noise(model, model_in, t, embeds, negative, guidance)
     step = family_step(getattr(transitions, "family", "ddim"))
     _, log_prob = step(scheduler, noise, t, x_t, eta=eta, prev_sample=x_prev)
     return log_prob
 
 
-def trajectory_log_probs(unet, scheduler, transitions, index: torch.Tensor, step_indices: torch.Tensor,
+def trajectory_log_probs(model, scheduler, transitions, index: torch.Tensor, step_indices: torch.Tensor,
                          guidance: float, eta: float, chunk: int | None = None) -> torch.Tensor:
     """Recompute per-step log-probs ``[n,k]`` of samples ``index [n]`` at steps ``step_indices`` (``[n,k]``, one
     row of steps per sample, or ``[k]`` shared by all), in UNet calls of at most ``chunk`` (sample, step) pairs.
@@ -76,6 +77,6 @@ def trajectory_log_probs(unet, scheduler, transitions, index: torch.Tensor, step
     n, k = step_indices.shape
     samples, steps = index[:, None].expand(n, k).reshape(-1), step_indices.reshape(-1)
     chunk = chunk or len(samples)
-    parts = [pair_log_probs(unet, scheduler, transitions, samples[i:i + chunk], steps[i:i + chunk], guidance, eta)
+    parts = [pair_log_probs(model, scheduler, transitions, samples[i:i + chunk], steps[i:i + chunk], guidance, eta)
              for i in range(0, len(samples), chunk)]
     return torch.cat(parts).reshape(n, k)

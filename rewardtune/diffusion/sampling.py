@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from rewardtune.diffusion.backbones import Conditioning, backbone_of, family_of
 from rewardtune.diffusion.settings import family_step
 
 
@@ -36,13 +37,11 @@ class Trajectory:
         return self.latents[:, -1]
 
 
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str]) -> torch.Tensor:
-    """Text-encoder states ``[B,L,D]`` of ``prompts``, padded to the tokenizer's max length (as SD does)."""
-    tok = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt")
-    device = pipe.text_encoder.device
-    return pipe.text_encoder(tok.input_ids.to(device))[0]
+def encode_prompts(pipe, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
+    """The :class:`~rewardtune.diffusion.backbones.Conditioning` of ``prompts`` (``len(prompts)`` rows), as the
+    pipeline conditions on them for images of ``height x width`` (None: native size; SD: text states ``[B,L,D]``
+    padded to the tokenizer's max length)."""
+    return backbone_of(pipe).encode(pipe, list(prompts), height, width)
 
 
 def generators_for(seeds: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
@@ -51,25 +50,23 @@ def generators_for(seeds: list[int], device: str | torch.device = "cpu") -> list
 
 
 def check_image_size(pipe, height: int | None, width: int | None) -> None:
-    """``height``/``width`` must be multiples of the pipeline's VAE scale factor (8 for Stable Diffusion)."""
+    """``height``/``width`` must be multiples of the pipeline's VAE scale factor (8 for Stable Diffusion) times the
+    denoiser's patch size (SD3: 2)."""
     from rewardtune.errors import UserError
 
-    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    patch = getattr(backbone_of(pipe).denoiser(pipe).config, "patch_size", None) or 1
+    factor = int(getattr(pipe, "vae_scale_factor", 8)) * int(patch)
     for key, value in (("height", height), ("width", width)):
         if value is not None and value % factor:
             low = max(factor, value // factor * factor)
-            raise UserError(f"{key} {value} is not a multiple of {factor} (this model's VAE scale factor); "
-                            f"use e.g. {low} or {low + factor}")
+            raise UserError(f"{key} {value} is not a multiple of {factor} (this model's VAE scale factor x patch "
+                            f"size); use e.g. {low} or {low + factor}")
 
 
 def latent_shape(pipe, batch: int, height: int | None = None, width: int | None = None) -> tuple[int, ...]:
-    """``(B, C, h, w)`` of the initial noise for images of ``height x width`` (the UNet's native size by default)."""
-    factor = pipe.vae_scale_factor
-    height = height or pipe.unet.config.sample_size * factor
-    width = width or pipe.unet.config.sample_size * factor
-    if height % factor or width % factor:
-        raise ValueError(f"height and width must be multiples of {factor}, got {height}x{width}")
-    return (batch, pipe.unet.config.in_channels, height // factor, width // factor)
+    """``(B, C, h, w)`` of the initial noise for images of ``height x width`` (the denoiser's native size by
+    default)."""
+    return backbone_of(pipe).latent_shape(pipe, batch, height, width)
 
 
 def forward_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
@@ -80,22 +77,29 @@ def forward_noise(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
     return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
 
-def predict_noise(unet, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
-                  negative_embeds: torch.Tensor | None, guidance: float) -> torch.Tensor:
-    """UNet output with classifier-free guidance in one batched pass. ``latents [B,C,h,w]`` -> ``[B,C,h,w]``."""
-    if negative_embeds is None or guidance == 1.0:
-        return unet(latents, t, encoder_hidden_states=prompt_embeds).sample
-    both = unet(torch.cat([latents, latents]), torch.cat([t, t]) if t.ndim else t,
-                encoder_hidden_states=torch.cat([negative_embeds, prompt_embeds])).sample
-    uncond, cond = both.chunk(2)
-    return uncond + guidance * (cond - uncond)
+def predict_noise(model, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning,
+                  negative: Conditioning | None, guidance: float) -> torch.Tensor:
+    """The denoiser's output (noise, v or flow velocity) with classifier-free guidance in one batched pass.
+    ``latents [B,C,h,w]``, ``t [B]``, ``cond`` of B rows, ``negative`` of B rows or None -> ``[B,C,h,w]``."""
+    if negative is None or guidance == 1.0:
+        return cond.call(model, latents, t)
+    both = Conditioning.cat([negative, cond]).call(model, torch.cat([latents, latents]),
+                                                   torch.cat([t, t]) if t.ndim else t)
+    uncond, conditional = both.chunk(2)
+    return uncond + guidance * (conditional - uncond)
+
+
+def scale_model_input(scheduler, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``scheduler.scale_model_input`` where the scheduler has one (DDIM: identity; flow schedulers have none)."""
+    scale = getattr(scheduler, "scale_model_input", None)
+    return latents if scale is None else scale(latents, t)
 
 
 @torch.no_grad()
 def sample_trajectories(
     pipe,
-    prompt_embeds: torch.Tensor,
-    negative_embeds: torch.Tensor | None,
+    prompt_embeds: Conditioning,
+    negative_embeds: Conditioning | None,
     generators: list[torch.Generator],
     steps: int = 20,
     guidance: float = 5.0,
@@ -103,33 +107,40 @@ def sample_trajectories(
     height: int | None = None,
     width: int | None = None,
     progress=None,
-    family: str = "ddim",
+    family: str = "auto",
     keep_latents: bool = True,
 ) -> Trajectory:
-    """Sample B trajectories with the scheduler family's step (DDIM with ``eta``) and classifier-free guidance.
+    """Sample B trajectories with the scheduler family's step (DDIM with ``eta``; the flow SDE with noise level
+    ``eta``) and classifier-free guidance.
 
     Args:
-        pipe: a Stable Diffusion pipeline whose scheduler is the family's (a ``DDIMScheduler`` for ``ddim``).
-        prompt_embeds: ``[B,L,D]`` from :func:`encode_prompts`; ``negative_embeds`` likewise (or None: no CFG).
+        pipe: a pipeline whose scheduler is the family's (a ``DDIMScheduler`` for ``ddim``, a
+            ``FlowMatchEulerDiscreteScheduler`` for ``flow``).
+        prompt_embeds: B rows from :func:`encode_prompts`; ``negative_embeds`` likewise (or None: no CFG).
+        family: the scheduler family; ``auto`` is the pipeline's own (:mod:`rewardtune.diffusion.backbones`).
         generators: one per sample (see :func:`generators_for`); they draw x_T and every step's noise.
         progress: optional callable invoked once per denoising step (e.g. a progress bar's ``update``).
         keep_latents: keep every step's latents (``[B,T+1,...]``); False keeps ``x_T`` and ``x_0`` (``[B,2,...]``).
     """
-    step = family_step(family)
-    batch = prompt_embeds.shape[0]
+    backbone = backbone_of(pipe)
+    step = family_step(family_of(pipe, family))
+    batch = len(prompt_embeds)
     if len(generators) != batch:
         raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {batch}")
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps, device=prompt_embeds.device)
-    unet_dtype = pipe.unet.dtype
-    latents = randn_tensor(latent_shape(pipe, batch, height, width), generator=generators,
-                           device=prompt_embeds.device, dtype=torch.float32) * scheduler.init_noise_sigma
+    model = backbone.denoiser(pipe)
+    dtype = model.dtype
+    latents = randn_tensor(backbone.latent_shape(pipe, batch, height, width), generator=generators,
+                           device=prompt_embeds.device, dtype=torch.float32)
+    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # DDIM's (1); flow schedulers start at 1
+    cond = prompt_embeds.to(dtype)
+    negative = None if negative_embeds is None else negative_embeds.to(dtype)
     all_latents, log_probs = [latents], []
     for i, t in enumerate(scheduler.timesteps):
         t_batch = t.expand(batch)
-        model_in = scheduler.scale_model_input(latents, t).to(unet_dtype)
-        noise_pred = predict_noise(pipe.unet, model_in, t_batch, prompt_embeds.to(unet_dtype),
-                                   None if negative_embeds is None else negative_embeds.to(unet_dtype), guidance)
+        model_in = scale_model_input(scheduler, latents, t).to(dtype)
+        noise_pred = predict_noise(model, model_in, t_batch, cond, negative, guidance)
         latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta, generator=generators)
         latents = latents.float()
         if keep_latents or i == len(scheduler.timesteps) - 1:
@@ -142,7 +153,9 @@ def sample_trajectories(
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:
-    """VAE-decode ``[B,C,h,w]`` latents to images ``[B,3,H,W]`` in [0,1] (differentiable)."""
+    """VAE-decode ``[B,C,h,w]`` latents to images ``[B,3,H,W]`` in [0,1] (differentiable): ``latents / scaling
+    + shift`` (SD3's VAE has a shift; SD's none)."""
     vae = pipe.vae
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    shift = vae.config.get("shift_factor") or 0.0
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor + shift).sample
     return (images.float() / 2 + 0.5).clamp(0, 1)

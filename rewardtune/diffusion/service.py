@@ -8,7 +8,8 @@ finetuning rollouts, evaluation grids and held-out scores, teacher data for dist
 Prompts are encoded once per call; samples are drawn in batches of ``settings.batch_size`` with one generator per
 sample (an image depends only on its seed). A scheduler family (``SCHEDULER_FAMILIES`` in
 :mod:`rewardtune.diffusion.settings`) supplies the step with log-probability, so another family (flow matching) is
-a new entry, not a new code path.
+a new entry, not a new code path; so is a pipeline kind (:mod:`rewardtune.diffusion.backbones`: SD's UNet, SD3's
+transformer).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rewardtune.diffusion.backbones import Conditioning, denoiser
 from rewardtune.diffusion.sampling import (
     Trajectory,
     decode_latents,
@@ -32,14 +34,14 @@ from rewardtune.diffusion.settings import SamplerSettings
 class Generated:
     """One batch of samples ``b``: ``images [b,3,H,W]`` in [0,1] on the CPU (None without decoding),
     ``index [b]`` the sample indices of the call, ``trajectory`` (latents ``[b,T+1,C,h,w]``, log-probs ``[b,T]``)
-    when asked for, ``group [b]`` each sample's prompt index, and the call's ``prompt_embeds [P,L,D]`` and
-    ``negative_embeds [1,L,D]`` (None without guidance)."""
+    when asked for, ``group [b]`` each sample's prompt index, and the call's ``prompt_embeds`` (P rows, one per
+    prompt) and ``negative_embeds`` (one row; None without guidance)."""
 
     images: torch.Tensor | None
     index: torch.Tensor
     group: torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    prompt_embeds: Conditioning
+    negative_embeds: Conditioning | None
     trajectory: Trajectory | None = None
 
     @property
@@ -56,15 +58,16 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], settings: Sampl
     if len(seeds) != len(prompts) * per_prompt:
         raise ValueError(f"need one seed per sample: {len(prompts)} prompts x {per_prompt} = "
                          f"{len(prompts) * per_prompt}, got {len(seeds)}")
-    device = pipe.unet.device
-    embeds = encode_prompts(pipe, list(prompts))
-    negative = encode_prompts(pipe, [settings.negative_prompt]) if settings.guidance != 1.0 else None
+    device = denoiser(pipe).device
+    size = (settings.height, settings.width)
+    embeds = encode_prompts(pipe, list(prompts), *size)
+    negative = encode_prompts(pipe, [settings.negative_prompt], *size) if settings.guidance != 1.0 else None
     group = torch.arange(len(prompts), device=device).repeat_interleave(per_prompt)
     for start in range(0, len(seeds), settings.batch_size):
         index = torch.arange(start, min(start + settings.batch_size, len(seeds)))
         batch = embeds[group[index]]
         trajectory = sample_trajectories(
-            pipe, batch, None if negative is None else negative.expand_as(batch),
+            pipe, batch, None if negative is None else negative.expand(len(batch)),
             generators_for(seeds[start:start + settings.batch_size], device), steps=settings.steps,
             guidance=settings.guidance, eta=settings.eta, height=settings.height, width=settings.width,
             family=settings.scheduler, keep_latents=keep_trajectories)

@@ -20,6 +20,8 @@ from rewardtune.registry import Registry
 
 SCHEDULER_FAMILIES: Registry[str] = Registry("scheduler family")
 SCHEDULER_FAMILIES.register("ddim", "rewardtune.diffusion.logprob:ddim_step_with_logprob")
+SCHEDULER_FAMILIES.register("flow", "rewardtune.diffusion.flow:flow_family_step")
+AUTO_FAMILY = "auto"  # the pipeline's own family (rewardtune.diffusion.backbones)
 
 
 @functools.cache
@@ -34,7 +36,8 @@ class SamplerSettings:
     """How to sample. ``eta``: 0 is deterministic DDIM, 1 DDPM-like (every step then has a log-probability);
     ``guidance``: classifier-free guidance scale (1 disables it); ``negative_prompt``: the unconditional prompt;
     ``batch_size``: samples per denoising call; ``height``/``width``: None for the UNet's native size;
-    ``scheduler``: the scheduler family (an entry of :data:`SCHEDULER_FAMILIES`)."""
+    ``scheduler``: the scheduler family (an entry of :data:`SCHEDULER_FAMILIES`: ``ddim``, or ``flow`` whose SDE
+    step takes ``eta`` as its noise level), or ``auto`` for the pipeline's own (DDIM for SD, flow for SD3)."""
 
     steps: int = 20
     guidance: float = 5.0
@@ -43,7 +46,7 @@ class SamplerSettings:
     batch_size: int = 16
     height: int | None = None
     width: int | None = None
-    scheduler: str = "ddim"
+    scheduler: str = AUTO_FAMILY
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)
@@ -54,5 +57,5 @@ class SamplerSettings:
         for key in ("height", "width"):
             value = getattr(self, key)
             require(value is None or value >= 1, key, "a positive number of pixels", value)
-        require(self.scheduler in SCHEDULER_FAMILIES, "scheduler", "one of " + ", ".join(SCHEDULER_FAMILIES.names()),
-                self.scheduler)
+        require(self.scheduler == AUTO_FAMILY or self.scheduler in SCHEDULER_FAMILIES, "scheduler",
+                "one of " + ", ".join([AUTO_FAMILY, *SCHEDULER_FAMILIES.names()]), self.scheduler)

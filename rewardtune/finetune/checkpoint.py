@@ -203,18 +203,15 @@ def save_final_model(pipe, unet, folder: str | Path, lora: bool, base_model: str
     for stale in [*folder.parent.glob(f".tmp_{folder.name}_*"), *folder.parent.glob(f".old_{folder.name}_*")]:
         shutil.rmtree(stale, ignore_errors=True)  # left by a killed run (the run folder is locked: not in use)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp_{folder.name}_", dir=folder.parent))
+    from rewardtune.diffusion.backbones import backbone_of
+
     try:
         if lora:
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
-
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            metadata = unet.peft_config["default"].to_dict()
-            type(pipe).save_lora_weights(tmp, unet_lora_layers=layers, unet_lora_adapter_metadata=metadata)
+            backbone_of(pipe).save_lora(pipe, unet, tmp)
             if base_model is not None:
                 atomic_write_json(tmp / LORA_BASE, {"model": base_model})
         else:
-            pipe.save_pretrained(tmp)
+            backbone_of(pipe).save(pipe, tmp)
         _replace_folder(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

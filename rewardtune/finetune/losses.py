@@ -2,7 +2,9 @@
 
 PRDP (Deng et al., CVPR 2024): regress pairwise reward differences onto differences of trajectory log-ratios
 against the reference model, with per-step proximal clipping against the sampling snapshot (Eqs. 14-21 and the
-Appendix G reference loss). DDPO (Black et al. 2023): per-step PPO-clip on importance ratios.
+Appendix G reference loss). DDPO (Black et al. 2023): per-step PPO-clip on importance ratios. GRPO (Shao et al.
+2024, DeepSeekMath; for diffusion Flow-GRPO, Liu et al. 2025, and DanceGRPO): DDPO's PPO-clip on group-relative
+advantages plus a KL penalty to the reference model.
 """
 
 from __future__ import annotations
@@ -57,3 +59,37 @@ def ddpo_loss(log_probs: torch.Tensor, log_probs_old: torch.Tensor, advantages: 
     unclipped = -adv * ratio
     clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
     return torch.maximum(unclipped, clipped).mean()
+
+
+def kl_k3(log_probs: torch.Tensor, log_probs_ref: torch.Tensor) -> torch.Tensor:
+    """Per-step k3 estimator of ``KL(pi_theta || pi_ref)``: ``exp(d) - d - 1`` with ``d = log p_ref - log p_theta``
+    (elementwise, same shape as the inputs; ``log_probs_ref`` is detached). It is >= 0, zero with zero gradient where
+    the two log-probs are equal, and unbiased for the KL when the transitions are drawn from ``pi_theta`` and the
+    log-probs are full log-densities."""
+    d = log_probs_ref.detach() - log_probs
+    return torch.exp(d) - d - 1.0
+
+
+def grpo_loss(log_probs: torch.Tensor, log_probs_old: torch.Tensor, log_probs_ref: torch.Tensor,
+              advantages: torch.Tensor, clip_range: float, kl_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GRPO's per-step loss: DDPO's PPO-clip on group-relative advantages plus a KL penalty to the reference.
+
+    ``loss = mean_{i,t}(max(-A_i * rho_it, -A_i * clip(rho_it, 1-eps, 1+eps))) + kl_beta * mean_{i,t}(k3_it)``
+
+    with ``rho_it = exp(l_it - l_old_it)`` and ``k3_it = exp(l_ref_it - l_it) - (l_ref_it - l_it) - 1`` (the GRPO
+    paper's estimator of ``KL(pi_theta || pi_ref)``, see :func:`kl_k3`), evaluated on the sampled transitions.
+
+    Args:
+        log_probs: ``[N,T]`` (or ``[N]``) per-step log-probs of the recorded transitions under the current model.
+        log_probs_old: ``[N,T]`` the same under the snapshot that sampled them (detached).
+        log_probs_ref: ``[N,T]`` the same under the reference model (detached).
+        advantages: ``[N]`` one per sample, broadcast over its steps.
+        clip_range: the PPO band ``eps`` on the ratio; kl_beta: the KL weight (0: no KL term at all).
+
+    Returns:
+        ``(loss, kl)``: the scalar loss and the detached mean k3 (a metric; reported even when ``kl_beta`` is 0).
+    """
+    policy = ddpo_loss(log_probs, log_probs_old, advantages, clip_range)
+    kl = kl_k3(log_probs, log_probs_ref).mean()
+    loss = policy + kl_beta * kl if kl_beta else policy  # kl_beta 0: a non-finite k3 must not reach the loss
+    return loss, kl.detach()

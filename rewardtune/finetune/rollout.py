@@ -8,9 +8,9 @@ The reference model ``pi_ref`` of PRDP's log-ratios (Eq. 10) is one of:
 
 * ``None``: the snapshot *is* the reference (epoch 0 of a run); ``log_probs_ref`` is ``log_probs_old`` (the same
   tensor, no second pass);
-* ``ADAPTERS_DISABLED``: the same UNet with its peft (LoRA) adapters switched off, i.e. the base model, with no
-  second model in memory;
-* a module: a frozen reference UNet (full finetuning).
+* ``ADAPTERS_DISABLED``: the same denoiser with its peft (LoRA) adapters switched off, i.e. the base model, with
+  no second model in memory;
+* a module: a frozen reference denoiser (full finetuning).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Callable, Literal, Sequence, Union
 
 import torch
 
+from rewardtune.diffusion.backbones import Conditioning, denoiser, family_of
 from rewardtune.diffusion.rescore import trajectory_log_probs
 from rewardtune.diffusion.service import generate_batches
 from rewardtune.finetune.config import SamplingConfig
@@ -40,7 +41,8 @@ class Rollouts:
     latents: ``[S,T+1,C,h,w]`` (``x_T`` first, ``x_0`` last). timesteps: ``[T]`` in sampling order.
     log_probs_old: ``[S,T]`` ``log p_old(x_{t-1}|x_t,c)`` recorded while sampling from the snapshot.
     log_probs_ref: ``[S,T]`` the same transitions under the reference model.
-    prompt_embeds: ``[N,L,D]`` one per group. negative_embeds: ``[1,L,D]``, or None without CFG.
+    prompt_embeds: a :class:`~rewardtune.diffusion.backbones.Conditioning` of N rows, one per group.
+    negative_embeds: one row, or None without CFG.
     rewards: ``[S]`` (on the latents' device). reward_components: ``{name: [S]}``.
     images: ``[S,3,H,W]`` in [0,1], on the CPU. seeds: ``[S]``. family: the scheduler family that sampled them.
     """
@@ -51,8 +53,8 @@ class Rollouts:
     timesteps: torch.Tensor
     log_probs_old: torch.Tensor
     log_probs_ref: torch.Tensor
-    prompt_embeds: torch.Tensor
-    negative_embeds: torch.Tensor | None
+    prompt_embeds: Conditioning
+    negative_embeds: Conditioning | None
     rewards: torch.Tensor
     images: torch.Tensor
     seeds: list[int]
@@ -70,7 +72,7 @@ class Rollouts:
 
     @property
     def num_groups(self) -> int:
-        return self.prompt_embeds.shape[0]
+        return len(self.prompt_embeds)
 
 
 @contextmanager
@@ -97,7 +99,7 @@ def adapters_disabled(model: torch.nn.Module):
 
 
 @torch.no_grad()
-def reference_log_probs(unet, scheduler, rollouts: Rollouts, reference: Reference, cfg: SamplingConfig
+def reference_log_probs(model, scheduler, rollouts: Rollouts, reference: Reference, cfg: SamplingConfig
                         ) -> torch.Tensor:
     """``[S,T]`` log-probs of the recorded transitions under ``reference`` (see the module docstring), in UNet
     calls of ``cfg.batch_size`` (sample, step) pairs."""
@@ -108,8 +110,8 @@ def reference_log_probs(unet, scheduler, rollouts: Rollouts, reference: Referenc
     if isinstance(reference, str):
         if reference != ADAPTERS_DISABLED:
             raise ValueError(f"unknown reference {reference!r}; use None, {ADAPTERS_DISABLED!r} or a UNet")
-        with adapters_disabled(unet):
-            return trajectory_log_probs(unet, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta,
+        with adapters_disabled(model):
+            return trajectory_log_probs(model, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta,
                                         cfg.batch_size)
     return trajectory_log_probs(reference, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta, cfg.batch_size)
 
@@ -138,7 +140,8 @@ def _concat_components(parts: list[dict[str, torch.Tensor]], device) -> dict[str
 @torch.no_grad()
 def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: SamplingConfig, reward: Callable,
                      seeds: int | Sequence[int], reference: Reference = None) -> Rollouts:
-    """Sample ``B = images_per_prompt`` trajectories per prompt with ``pipe.unet`` (the snapshot) and score them.
+    """Sample ``B = images_per_prompt`` trajectories per prompt with the pipeline's denoiser (the snapshot) and score
+    them.
 
     Args:
         prompts: N prompts (the epoch's groups).
@@ -158,7 +161,7 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
     if len(seeds) != total:
         raise ValueError(f"need one seed per sample: {len(prompts)} prompts x {images_per_prompt} = {total}, "
                          f"got {len(seeds)}")
-    device = pipe.unet.device
+    device = denoiser(pipe).device
     latents, log_probs, rewards, images, components = [], [], [], [], []
     for part in generate_batches(pipe, prompts, seeds, cfg, per_prompt=images_per_prompt, keep_trajectories=True):
         scores, parts = _score(reward, part.images, [prompts[int(g)] for g in part.group.tolist()])
@@ -174,8 +177,8 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
         timesteps=part.trajectory.timesteps, log_probs_old=log_probs_old, log_probs_ref=log_probs_old,
         prompt_embeds=part.prompt_embeds, negative_embeds=part.negative_embeds, rewards=torch.cat(rewards),
         images=torch.cat(images), seeds=seeds, images_per_prompt=images_per_prompt,
-        reward_components=_concat_components(components, device), family=cfg.scheduler)
-    rollouts.log_probs_ref = reference_log_probs(pipe.unet, pipe.scheduler, rollouts, reference, cfg)
+        reward_components=_concat_components(components, device), family=family_of(pipe, cfg.scheduler))
+    rollouts.log_probs_ref = reference_log_probs(denoiser(pipe), pipe.scheduler, rollouts, reference, cfg)
     bad = int((~torch.isfinite(rollouts.rewards)).sum())
     if bad:
         logger.warning("%d of %d rewards are not finite; gradient steps on their minibatches will be skipped",

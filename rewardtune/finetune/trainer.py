@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from rewardtune.config import save_config
+from rewardtune.diffusion.backbones import UNetBackbone, backbone_of
 from rewardtune.finetune.checkpoint import (
     list_checkpoints,
     load_checkpoint,
@@ -63,7 +64,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
+LORA_TARGETS = UNetBackbone.lora_targets  # SD's; each backbone names its own (backbone_of(pipe).lora_targets)
 HELDOUT_KEYS = ("heldout_reward", "heldout_gold")
 
 
@@ -122,9 +123,9 @@ class TimedReward:
 
 @dataclass
 class Trainer:
-    """The live objects of one run and its steps. ``unet`` is the trained model as prepared by accelerate (maybe
-    DDP-wrapped; ``pipe.unet`` is the bare one); ``reference`` the model of PRDP's log-ratios (see
-    :mod:`rewardtune.finetune.rollout`)."""
+    """The live objects of one run and its steps. ``unet`` is the trained denoiser (SD's UNet or SD3's transformer)
+    as prepared by accelerate (maybe DDP-wrapped; :meth:`bare` is the pipeline's own); ``reference`` the model of
+    PRDP's log-ratios (see :mod:`rewardtune.finetune.rollout`)."""
 
     cfg: RunConfig
     plan: RunPlan
@@ -141,7 +142,8 @@ class Trainer:
 
     @classmethod
     def build(cls, cfg: RunConfig, plan: RunPlan, accelerator) -> Trainer:
-        """Pipeline (VAE and text encoder frozen), trainable UNet or LoRA adapters, reference, optimizer, rewards."""
+        """Pipeline (VAE and text encoders frozen), trainable denoiser or LoRA adapters, reference, optimizer,
+        rewards."""
         from rewardtune.diffusion.loading import load_pipeline
         from rewardtune.finetune.algorithms import make_algorithm
         from rewardtune.finetune.update import make_optimizer
@@ -150,17 +152,23 @@ class Trainer:
         seed_everything(cfg.train.seed)
         device = str(accelerator.device)
         pipe = load_pipeline(cfg.model, device=device)
-        pipe.vae.requires_grad_(False)
-        pipe.text_encoder.requires_grad_(False)
+        backbone = backbone_of(pipe)
+        for part in backbone.frozen_parts(pipe):
+            part.requires_grad_(False)
         reference = _add_trainable(pipe, cfg)
-        optimizer = make_optimizer(pipe.unet.parameters(), cfg.train.optim)
-        unet, optimizer = accelerator.prepare(pipe.unet, optimizer)
+        optimizer = make_optimizer(backbone.denoiser(pipe).parameters(), cfg.train.optim)
+        unet, optimizer = accelerator.prepare(backbone.denoiser(pipe), optimizer)
         reward = load_reward(cfg.train.reward, device=device).to(device).eval()
         gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
         out = Path(cfg.output_dir)
         return cls(cfg, plan, accelerator, pipe, unet, optimizer, make_algorithm(cfg.train), reference,
                    Scorers(reward, gold), out, EvalSet(cfg.eval_prompts, cfg.eval_seeds),
                    Trackers(cfg, accelerator, out))
+
+    @property
+    def bare(self) -> torch.nn.Module:
+        """The pipeline's own (unwrapped) denoiser."""
+        return backbone_of(self.pipe).denoiser(self.pipe)
 
     @property
     def main(self) -> bool:
@@ -171,7 +179,7 @@ class Trainer:
         from rewardtune.finetune.update import apply_optim_config
 
         candidates = resume_candidates(self.cfg.resume, self.out)
-        start = load_checkpoint(candidates, self.pipe.unet, self.optimizer, self.algorithm) if candidates else 0
+        start = load_checkpoint(candidates, self.bare, self.optimizer, self.algorithm) if candidates else 0
         apply_optim_config(self.optimizer, self.cfg.train.optim)  # the restored state holds the old settings
         return start
 
@@ -240,7 +248,7 @@ class Trainer:
         """Checkpoint ``done`` epochs, then evaluate that model (held-out scores reused from the epoch's record)."""
         self.accelerator.wait_for_everyone()
         if self.main:
-            save_checkpoint(self.out, done, self.pipe.unet, self.optimizer, self.algorithm, self.cfg.keep_last)
+            save_checkpoint(self.out, done, self.bare, self.optimizer, self.algorithm, self.cfg.keep_last)
             self.evaluate(done, {k: record[k] for k in HELDOUT_KEYS if k in record})
 
     def finish(self, record: dict, start: int, began: float) -> dict:
@@ -251,8 +259,8 @@ class Trainer:
         in_sync = ranks_in_sync(acc, acc.unwrap_model(self.unet))
         summary = {}
         if self.main:
-            self.pipe.unet = acc.unwrap_model(self.unet)
-            save_final_model(self.pipe, self.pipe.unet, final, lora=bool(self.cfg.lora_rank),
+            backbone_of(self.pipe).set_denoiser(self.pipe, acc.unwrap_model(self.unet))
+            save_final_model(self.pipe, self.bare, final, lora=bool(self.cfg.lora_rank),
                              base_model=base_model_name(self.cfg.model))
             summary = summarise_run(record, self.out, final, start, self.cfg.epochs, time.perf_counter() - began)
         return {**summary, "processes": acc.num_processes, "ranks_in_sync": in_sync}
@@ -283,20 +291,22 @@ class Trainer:
 
 
 def _add_trainable(pipe, cfg: RunConfig) -> Reference:
-    """Make the UNet (or LoRA adapters on it) trainable; returns the reference of PRDP's log-ratios."""
+    """Make the denoiser (or LoRA adapters on it) trainable; returns the reference of PRDP's log-ratios."""
     from rewardtune.finetune.rollout import ADAPTERS_DISABLED
 
+    backbone = backbone_of(pipe)
+    model = backbone.denoiser(pipe)
     if cfg.lora_rank:
         from peft import LoraConfig
 
-        pipe.unet.requires_grad_(False)
-        pipe.unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
-                                         init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+        model.requires_grad_(False)
+        model.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank,
+                                     init_lora_weights="gaussian", target_modules=backbone.lora_targets))
         reference = ADAPTERS_DISABLED
     else:
-        reference = copy.deepcopy(pipe.unet).requires_grad_(False).eval()
+        reference = copy.deepcopy(model).requires_grad_(False).eval()
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
+        model.enable_gradient_checkpointing()
     return reference
 
 

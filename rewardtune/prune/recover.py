@@ -58,7 +58,7 @@ def teacher_data(pipe, prompts: list[str], seeds: list[int], steps: int = 20, gu
     settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)
     out = generate(pipe, prompts, seeds, settings, decode=False, progress=progress)
     empty = out.negative_embeds if out.negative_embeds is not None else encode_prompts(pipe, [""])
-    return DistillData(out.final_latents, out.prompt_embeds[out.group], empty)
+    return DistillData(out.final_latents, out.prompt_embeds[out.group].embeds, empty.embeds)
 
 
 @torch.no_grad()
@@ -72,8 +72,8 @@ def shapes_data(pipe, n: int, seed: int = 0) -> DistillData:
     latents = torch.cat([vae.encode(chunk.to(vae.device, vae.dtype) * 2 - 1).latent_dist.mean
                          for chunk in data.images.split(256)]) * vae.config.scaling_factor
     captions = data.captions(np.arange(n), np.random.default_rng(seed))
-    states = torch.cat([encode_prompts(pipe, captions[i:i + 256]) for i in range(0, n, 256)])
-    return DistillData(latents.float(), states, encode_prompts(pipe, [""]))
+    states = torch.cat([encode_prompts(pipe, captions[i:i + 256]).embeds for i in range(0, n, 256)])
+    return DistillData(latents.float(), states, encode_prompts(pipe, [""]).embeds)
 
 
 def block_names(unet: nn.Module) -> list[str]:

@@ -1,0 +1,177 @@
+"""SD3 (flow-matching) pipelines through the one sampling service: loading, the exact T5-less conditioning,
+sampling that matches plain diffusers, re-scoring, and finetuning."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardtune.diffusion.settings import SamplerSettings
+
+PROMPTS = ["a red circle", "a blue square on a white background"]
+
+
+@pytest.fixture(scope="module")
+def flow_pipe(tiny_flow_pipeline_dir):
+    from rewardtune.diffusion.loading import load_pipeline
+
+    return load_pipeline(str(tiny_flow_pipeline_dir))
+
+
+def test_load_picks_the_flow_backbone(flow_pipe):
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from rewardtune.diffusion.backbones import backbone_of, denoiser
+    from rewardtune.diffusion.sd3 import KeyBiasJointAttnProcessor
+
+    assert isinstance(flow_pipe, StableDiffusion3Pipeline)
+    assert isinstance(flow_pipe.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert backbone_of(flow_pipe).family == "flow" and denoiser(flow_pipe) is flow_pipe.transformer
+    processors = set(map(type, flow_pipe.transformer.attn_processors.values()))
+    assert processors == {KeyBiasJointAttnProcessor}
+
+
+def test_collapsed_t5_padding_is_exact(flow_pipe):
+    """One zero row with key bias log(256) gives the velocity of the pipeline's own 32 + 256 rows."""
+    from rewardtune.diffusion.sampling import encode_prompts
+
+    full, _, pooled, _ = flow_pipe.encode_prompt(prompt=PROMPTS, prompt_2=None, prompt_3=None,
+                                                 do_classifier_free_guidance=False)
+    cond = encode_prompts(flow_pipe, PROMPTS)
+    assert full.shape[1] == 32 + 256 and cond.embeds.shape[1] == 32 + 1
+    assert torch.equal(cond.pooled, pooled) and torch.equal(cond.embeds, full[:, :33])
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([900.0, 300.0])
+    with torch.no_grad():
+        plain = flow_pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=full,
+                                      pooled_projections=pooled).sample
+        collapsed = cond.call(flow_pipe.transformer, x, t)
+        unbiased = flow_pipe.transformer(hidden_states=x, timestep=t, encoder_hidden_states=cond.embeds,
+                                         pooled_projections=cond.pooled).sample
+    assert (collapsed - plain).abs().max() < 1e-5
+    assert (unbiased - plain).abs().max() > 1e-3  # the bias is what makes it exact
+
+
+def test_ode_sampling_matches_plain_diffusers(flow_pipe):
+    """eta 0 (the Euler step of the flow ODE) reproduces StableDiffusion3Pipeline.__call__ seed for seed."""
+    from rewardtune.diffusion.service import generate
+
+    settings = SamplerSettings(steps=4, guidance=3.0, eta=0.0)
+    out = generate(flow_pipe, PROMPTS, [5, 6], settings, keep_trajectories=True)
+    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
+    latents = flow_pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=generators,
+                        output_type="latent").images
+    assert (out.final_latents - latents).abs().max() < 1e-4
+    assert out.images.shape == (2, 3, 32, 32) and torch.isnan(out.trajectory.log_probs).all()
+
+
+def test_sde_log_probs_rescore_exactly(flow_pipe):
+    """Re-scoring the sampled transitions under the sampling model reproduces the recorded log-probs."""
+    from types import SimpleNamespace
+
+    from rewardtune.diffusion.rescore import trajectory_log_probs
+    from rewardtune.diffusion.service import generate
+
+    settings = SamplerSettings(steps=3, guidance=2.0, eta=0.7, scheduler="flow")
+    out = generate(flow_pipe, PROMPTS, [0, 1, 2, 3], settings, per_prompt=2, keep_trajectories=True)
+    assert torch.isfinite(out.trajectory.log_probs).all()
+    moves = SimpleNamespace(latents=out.trajectory.latents, timesteps=out.trajectory.timesteps, group=out.group,
+                            prompt_embeds=out.prompt_embeds, negative_embeds=out.negative_embeds, family="flow")
+    with torch.no_grad():
+        rescored = trajectory_log_probs(flow_pipe.transformer, flow_pipe.scheduler, moves, torch.arange(4),
+                                        torch.arange(3), settings.guidance, settings.eta, chunk=5)
+    assert (rescored - out.trajectory.log_probs).abs().max() < 1e-4
+
+
+def test_image_size_must_fit_the_patches(flow_pipe):
+    from rewardtune.diffusion.sampling import check_image_size
+    from rewardtune.errors import UserError
+
+    check_image_size(flow_pipe, 48, 32)
+    with pytest.raises(UserError, match="height 36 is not a multiple of 8"):
+        check_image_size(flow_pipe, 36, 32)
+
+
+def test_t5_pipelines_are_not_collapsed(tmp_path):
+    from conftest import build_tiny_flow_pipeline
+
+    from rewardtune.diffusion.loading import load_pipeline
+    from rewardtune.diffusion.sampling import encode_prompts
+
+    pipe = load_pipeline(str(build_tiny_flow_pipeline(tmp_path, t5=True)))
+    cond = encode_prompts(pipe, PROMPTS)
+    assert cond.key_bias is None and cond.embeds.shape[1] == 32 + 256
+
+
+def test_ratio_is_one_before_the_first_update_and_an_update_moves_it(flow_pipe):
+    """The flow SDE's recomputed log-probs equal the recorded ones (ratio exactly 1) until a GRPO step moves the
+    transformer; the VAE and text encoders stay frozen."""
+    import copy
+
+    from rewardtune.diffusion.rescore import trajectory_log_probs
+    from rewardtune.finetune.algorithms import make_algorithm
+    from rewardtune.finetune.config import FinetuneConfig, OptimConfig, SamplingConfig
+    from rewardtune.finetune.rollout import collect_rollouts
+    from rewardtune.finetune.update import make_optimizer, update_epoch
+
+    pipe = copy.deepcopy(flow_pipe)
+    for part in (pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        part.requires_grad_(False)
+    sampling = SamplingConfig(steps=3, guidance=3.0, eta=0.7, batch_size=4)
+    cfg = FinetuneConfig(algorithm="grpo", reward="jpeg_incompressibility", prompts_per_epoch=2, images_per_prompt=3,
+                         inner_steps=1, sampling=sampling, optim=OptimConfig(lr=1e-2),
+                         algorithm_options={"clip_range": 0.5, "kl_beta": 0.0})
+    rollouts = collect_rollouts(pipe, PROMPTS, 3, sampling, lambda images, prompts: images.mean((1, 2, 3)), seeds=0)
+    assert rollouts.family == "flow" and rollouts.latents.shape == (6, 4, 4, 8, 8)
+
+    def rescored():
+        with torch.no_grad():
+            return trajectory_log_probs(pipe.transformer, pipe.scheduler, rollouts, torch.arange(6), torch.arange(3),
+                                        sampling.guidance, sampling.eta, chunk=4)
+
+    torch.testing.assert_close(rescored(), rollouts.log_probs_old, rtol=0, atol=1e-5)
+    text_before = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
+    optimizer = make_optimizer(pipe.transformer.parameters(), cfg.optim)
+    metrics = update_epoch(pipe.transformer, optimizer, rollouts, cfg, make_algorithm(cfg), scheduler=pipe.scheduler)
+    assert metrics["steps"] == 1 and metrics["skipped"] == 0 and metrics["grad_norm"] > 0
+    assert (rescored() - rollouts.log_probs_old).abs().max() > 1e-6
+    assert all(torch.equal(v, text_before[k]) for k, v in pipe.text_encoder.state_dict().items())
+
+
+@pytest.mark.parametrize("algorithm, lora", [("prdp", 2), ("grpo", None), ("ddpo", 2)])
+def test_finetune_runs_on_a_flow_pipeline(tiny_flow_pipeline_dir, tmp_path, algorithm, lora):
+    """The same finetuning config trains an SD3 pipeline (only ``model`` differs); the final model loads in plain
+    diffusers (a pipeline folder, or LoRA weights on the base), T5-less as diffusers documents it."""
+    import json
+
+    from diffusers import StableDiffusion3Pipeline
+
+    from rewardtune.config import load_config
+    from rewardtune.finetune.run import RunConfig, run_finetune
+
+    out = tmp_path / algorithm
+    cfg = load_config(RunConfig, None, [
+        f"model={tiny_flow_pipeline_dir}", f"output_dir={out}", "prompts=[a red circle, a blue square]", "epochs=2",
+        "save_every=1", f"lora_rank={lora or 'null'}", "eval_prompts=[a red circle]", "eval_seeds=[0]",
+        f"train.algorithm={algorithm}", "train.reward=jpeg_incompressibility", "train.prompts_per_epoch=2",
+        "train.images_per_prompt=2", "train.inner_steps=1", "train.sampling.steps=2", "train.sampling.eta=0.7",
+        "train.optim.lr=1e-3"])
+    run_finetune(cfg)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2] and all(r["steps"] == 1 and r["grad_norm"] > 0 for r in records)
+    final = out / "final"
+    pipe = StableDiffusion3Pipeline.from_pretrained(tiny_flow_pipeline_dir if lora else final, text_encoder_3=None,
+                                                    tokenizer_3=None)
+    if lora:
+        pipe.load_lora_weights(final)
+        names = {name for name, _ in pipe.transformer.named_parameters() if "lora" in name}
+        assert any(".attn.to_q." in n for n in names) and any(".attn.add_q_proj." in n for n in names)
+    image = pipe("a red circle", num_inference_steps=2, output_type="pt").images
+    assert image.shape == (1, 3, 32, 32) and torch.isfinite(image).all()
+
+
+def test_sample_command_on_a_flow_pipeline(tiny_flow_pipeline_dir, tmp_path):
+    from rewardtune.cli import main
+
+    assert main(["sample", "--model", str(tiny_flow_pipeline_dir), "--prompt", "a red circle", "--num-images", "2",
+                 "--steps", "2", "--out", str(tmp_path / "s")]) == 0
+    assert len(list((tmp_path / "s").glob("0*.png"))) == 2 and (tmp_path / "s" / "grid.png").is_file()

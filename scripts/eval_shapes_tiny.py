@@ -1,6 +1,8 @@
-"""Quality of shapes-tiny on held-out prompts, read by the oracle; writes the table into BENCHMARKS.md.
+"""Quality of shapes-tiny (or shapes-tiny-flow) on held-out prompts, read by the oracle; writes the table into
+BENCHMARKS.md (section ``<model>-quality``).
 
     python scripts/eval_shapes_tiny.py [--model shapes-tiny] [--images-per-prompt 4] [--steps 20] [--guidance 5]
+    python scripts/eval_shapes_tiny.py --model shapes-tiny-flow   # the SD3 flow model (Euler ODE, eta 0)
 
 Held-out prompts name all five attributes of combinations never rendered for training. Reports accuracy of colour,
 shape, colour+shape (the quality target: >= 70 %), position, size and background, the gold scores, the same read-out
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rewardtune.diffusion.backbones import family_of
 from rewardtune.diffusion.loading import load_pipeline
 from rewardtune.diffusion.service import generate
 from rewardtune.diffusion.settings import SamplerSettings
@@ -71,7 +74,8 @@ def main() -> None:
     chance = {"color+shape": 1 / 18, "color": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "size": 1 / 3,
               "background": 1 / 4}
     table = "| images | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    for name, row in ((f"shapes-tiny ({args.steps} DDIM steps, guidance {args.guidance})", model),
+    family = {"ddim": "DDIM", "flow": "flow-ODE Euler"}[family_of(pipe)]
+    for name, row in ((f"{args.model} ({args.steps} {family} steps, guidance {args.guidance})", model),
                       ("ground-truth renders (oracle ceiling)", ceiling)):
         table += f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |\n"
     table += "| chance | " + " | ".join(f"{chance[c]:.3f}" if c in chance else "–" for c in cols) + " |\n"
@@ -80,7 +84,7 @@ def main() -> None:
         f"{seconds:.1f} s ({len(items) / seconds:.1f} images/s, batch 100).\n\n" + table)
     print(text)
     if not args.no_write:
-        update_section("shapes-tiny-quality", text)
+        update_section(f"{args.model}-quality", text)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ how the denoiser is called, its scheduler family, LoRA targets and how LoRA weig
     out = cond.call(backbone.denoiser(pipe), latents, t)
 
 Entries (``BACKBONES``, keyed by the diffusers pipeline class name): ``StableDiffusionPipeline`` (SD 1.x / 2.x UNet,
-DDIM family) and ``StableDiffusion3Pipeline`` (SD3 / SD3.5 transformer, flow family). A new kind of pipeline is a new
+DDIM family), ``StableDiffusionXLPipeline`` (SDXL UNet with two text encoders, pooled embeddings and size ids, DDIM
+family) and ``StableDiffusion3Pipeline`` (SD3 / SD3.5 transformer, flow family). A new kind of pipeline is a new
 :class:`Backbone` subclass and one registry line; the sampler, re-scoring, finetuning and evaluation do not change.
 """
 
@@ -25,13 +26,15 @@ class Conditioning:
 
     embeds: ``[B,L,D]`` text-encoder states. pooled: ``[B,P]`` pooled text embeddings (SD3, SDXL) or None.
     key_bias: ``[L]`` additive attention bias of the context rows (SD3 without T5: :mod:`rewardtune.diffusion.sd3`)
-    or None. kind: how the denoiser is called, ``unet`` or ``sd3``.
+    or None. kind: how the denoiser is called, ``unet``, ``sdxl`` or ``sd3``. time_ids: ``[B,6]`` SDXL's size
+    conditioning (original height, width, crop top, left, target height, width) or None.
     """
 
     embeds: torch.Tensor
     pooled: torch.Tensor | None = None
     key_bias: torch.Tensor | None = None
     kind: str = "unet"
+    time_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.embeds.shape[0]
@@ -42,33 +45,46 @@ class Conditioning:
 
     def __getitem__(self, index) -> Conditioning:
         """Rows ``index`` (an int tensor or slice); the key bias is shared by all rows."""
-        return replace(self, embeds=self.embeds[index], pooled=None if self.pooled is None else self.pooled[index])
+        def rows(x):
+            return None if x is None else x[index]
+
+        return replace(self, embeds=self.embeds[index], pooled=rows(self.pooled), time_ids=rows(self.time_ids))
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Conditioning:
         """The tensors in ``dtype`` on ``device`` (the key bias stays float32: it is added to attention logits)."""
         def move(x, cast=True):
             return None if x is None else x.to(device=device, dtype=dtype if cast else None)
 
-        return replace(self, embeds=move(self.embeds), pooled=move(self.pooled), key_bias=move(self.key_bias, False))
+        return replace(self, embeds=move(self.embeds), pooled=move(self.pooled), key_bias=move(self.key_bias, False),
+                       time_ids=move(self.time_ids))
 
     def expand(self, rows: int) -> Conditioning:
         """A one-row conditioning repeated to ``rows`` rows (a view)."""
         if len(self) != 1:
             raise ValueError(f"expand needs a one-row conditioning, got {len(self)} rows")
-        return replace(self, embeds=self.embeds.expand(rows, -1, -1),
-                       pooled=None if self.pooled is None else self.pooled.expand(rows, -1))
+        def repeat(x):
+            return None if x is None else x.expand(rows, -1)
+
+        return replace(self, embeds=self.embeds.expand(rows, -1, -1), pooled=repeat(self.pooled),
+                       time_ids=repeat(self.time_ids))
 
     @staticmethod
     def cat(parts: list[Conditioning]) -> Conditioning:
         """Rows of ``parts`` (same kind and key bias) stacked in order."""
         first = parts[0]
-        pooled = None if first.pooled is None else torch.cat([p.pooled for p in parts])
-        return replace(first, embeds=torch.cat([p.embeds for p in parts]), pooled=pooled)
+
+        def stack(name):
+            return None if getattr(first, name) is None else torch.cat([getattr(p, name) for p in parts])
+
+        return replace(first, embeds=stack("embeds"), pooled=stack("pooled"), time_ids=stack("time_ids"))
 
     def call(self, model, latents: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The denoiser's output ``[B,C,h,w]`` (noise, v or velocity) for ``latents [B,C,h,w]`` at ``t [B]``."""
         if self.kind == "unet":
             return model(latents, t, encoder_hidden_states=self.embeds).sample
+        if self.kind == "sdxl":
+            return model(latents, t, encoder_hidden_states=self.embeds,
+                         added_cond_kwargs={"text_embeds": self.pooled, "time_ids": self.time_ids}).sample
         from rewardtune.diffusion.sd3 import key_bias_mask
 
         patch = getattr(model, "module", model).config.patch_size
@@ -163,6 +179,35 @@ class UNetBackbone(Backbone):
         return Conditioning(pipe.text_encoder(tok.input_ids.to(pipe.text_encoder.device))[0])
 
 
+class SDXLBackbone(UNetBackbone):
+    """Stable Diffusion XL: a ``UNet2DConditionModel`` with added text and size conditioning (two CLIP encoders:
+    their penultimate states concatenated, the second's pooled projection, and the size ids), sampled with DDIM."""
+
+    text_encoders = ("text_encoder", "text_encoder_2")
+    load_kwargs: dict = {}
+
+    @torch.no_grad()
+    def encode(self, pipe, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
+        """The pipeline's own ``encode_prompt`` states ``[B,L,D1+D2]`` and pooled ``[B,P]``, and size ids ``[B,6]``
+        (original = target = ``height x width``, crop at (0, 0)). With ``force_zeros_for_empty_prompt`` in the
+        pipeline's config, an empty prompt (the sampler's default negative prompt) is all zeros, as SDXL's
+        ``__call__`` conditions on it when no negative prompt is given."""
+        prompts = list(prompts)
+        device = self.denoiser(pipe).device
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False)
+        if pipe.config.get("force_zeros_for_empty_prompt", False):
+            keep = torch.tensor([p != "" for p in prompts], device=embeds.device)
+            embeds = torch.where(keep[:, None, None], embeds, torch.zeros_like(embeds))
+            pooled = torch.where(keep[:, None], pooled, torch.zeros_like(pooled))
+        native = pipe.default_sample_size * pipe.vae_scale_factor
+        size = (height or native, width or native)
+        encoder_2 = getattr(pipe, "text_encoder_2", None)
+        projection = int(pooled.shape[-1]) if encoder_2 is None else encoder_2.config.projection_dim
+        time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
+                                          text_encoder_projection_dim=projection)
+        return Conditioning(embeds, pooled, kind="sdxl", time_ids=time_ids.to(device).repeat(len(prompts), 1))
+
+
 class SD3Backbone(Backbone):
     """Stable Diffusion 3 / 3.5: an ``SD3Transformer2DModel`` (rectified flow) sampled with the flow SDE step;
     the T5 encoder may be absent (its padding is collapsed exactly, :mod:`rewardtune.diffusion.sd3`)."""
@@ -186,16 +231,20 @@ class SD3Backbone(Backbone):
 
 def missing_components(cls: type, index: dict) -> list[str]:
     """The components of pipeline class ``cls`` that a ``model_index.json`` (``index``) does not name or names as
-    ``[null, null]`` (diffusers' ``from_pretrained`` wants those passed as None)."""
+    ``[null, null]`` (diffusers' ``from_pretrained`` wants those passed as None). Components are the ``__init__``
+    arguments without a default plus ``cls._optional_components`` (as diffusers counts them); the other arguments
+    are config values (SDXL's ``force_zeros_for_empty_prompt``, ``add_watermarker``), never components."""
     import inspect
 
+    optional = set(getattr(cls, "_optional_components", ()))
     names = [n for n, p in inspect.signature(cls.__init__).parameters.items()
-             if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+             if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD and (p.default is p.empty or n in optional)]
     return [n for n in names if not isinstance(index.get(n), list) or index[n][0] is None]
 
 
 BACKBONES: Registry[Backbone] = Registry("pipeline kind")
 BACKBONES.register("StableDiffusionPipeline", UNetBackbone())
+BACKBONES.register("StableDiffusionXLPipeline", SDXLBackbone())
 BACKBONES.register("StableDiffusion3Pipeline", SD3Backbone())
 
 
@@ -218,5 +267,5 @@ def denoiser(pipe) -> torch.nn.Module:
     return backbone_of(pipe).denoiser(pipe)
 
 
-__all__ = ["Conditioning", "Backbone", "UNetBackbone", "SD3Backbone", "BACKBONES", "backbone_of", "denoiser",
-           "family_of"]
+__all__ = ["Conditioning", "Backbone", "UNetBackbone", "SDXLBackbone", "SD3Backbone", "BACKBONES", "backbone_of",
+           "denoiser", "family_of"]

@@ -15,6 +15,9 @@ PIPELINES: dict[str, str] = {
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",
     "sd21-base": "stabilityai/stable-diffusion-2-1-base",
+    "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
+    "sd35m": "stabilityai/stable-diffusion-3.5-medium",
+    "sd35l": "stabilityai/stable-diffusion-3.5-large",
 }
 
 REWARD_FACTORIES: dict[str, str] = {

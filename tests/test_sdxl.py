@@ -9,6 +9,13 @@ import torch
 from rewardtune.diffusion.settings import SamplerSettings
 
 PROMPTS = ["a red circle", "a blue square on a white background"]
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json: Euler, with the DDIM keys that the conversion to
+# DDIM reads (no x0 clipping, the last step to alphas_cumprod[0])
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
 
 
 def build_tiny_sdxl_pipeline(folder):
@@ -37,10 +44,7 @@ def build_tiny_sdxl_pipeline(folder):
         block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, sample_size=32,
         scaling_factor=0.13025)
-    scheduler = EulerDiscreteScheduler(  # stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type="epsilon", interpolation_type="linear", use_karras_sigmas=False, steps_offset=1,
-        timestep_spacing="leading")
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
     pipe = StableDiffusionXLPipeline(
         vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
         text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=projection)),
@@ -68,6 +72,7 @@ def test_load_picks_the_sdxl_backbone(sdxl_pipe):
 
     assert isinstance(sdxl_pipe, StableDiffusionXLPipeline) and isinstance(sdxl_pipe.scheduler, DDIMScheduler)
     assert sdxl_pipe.config.force_zeros_for_empty_prompt is True  # a config value, not a component to pass as None
+    assert not sdxl_pipe.scheduler.config.clip_sample and not sdxl_pipe.scheduler.config.set_alpha_to_one
     backbone = backbone_of(sdxl_pipe)
     assert isinstance(backbone, SDXLBackbone) and backbone.family == "ddim" and denoiser(sdxl_pipe) is sdxl_pipe.unet
     assert backbone.frozen_parts(sdxl_pipe) == [sdxl_pipe.vae, sdxl_pipe.text_encoder, sdxl_pipe.text_encoder_2]

@@ -80,9 +80,9 @@ def test_load_picks_the_sdxl_backbone(sdxl_pipe):
 
 def test_conditioning_is_the_pipelines_own(sdxl_pipe):
     """States and pooled embeddings as ``encode_prompt`` gives them, size ids of the requested size, and the
-    empty (negative) prompt as zeros, as ``__call__`` uses it by default."""
+    empty negative prompt as zeros, as ``__call__`` uses it by default (an empty *prompt* is encoded as text)."""
     from rewardtune.diffusion.backbones import Conditioning
-    from rewardtune.diffusion.sampling import encode_prompts
+    from rewardtune.diffusion.sampling import encode_negative, encode_prompts
 
     embeds, negative, pooled, negative_pooled = sdxl_pipe.encode_prompt(PROMPTS, do_classifier_free_guidance=True)
     cond = encode_prompts(sdxl_pipe, PROMPTS)
@@ -91,13 +91,14 @@ def test_conditioning_is_the_pipelines_own(sdxl_pipe):
     assert torch.equal(cond.embeds, embeds) and torch.equal(cond.pooled, pooled)
     assert cond.time_ids.tolist() == [[32, 32, 0, 0, 32, 32]] * 2
     assert encode_prompts(sdxl_pipe, PROMPTS, 48, 24).time_ids.tolist() == [[48, 24, 0, 0, 48, 24]] * 2
-    empty = encode_prompts(sdxl_pipe, [""])
+    empty = encode_negative(sdxl_pipe)
     assert torch.equal(empty.embeds[0], negative[0]) and torch.equal(empty.pooled[0], negative_pooled[0])
     assert not empty.embeds.any() and not empty.pooled.any()
+    assert encode_prompts(sdxl_pipe, [""]).embeds.any()  # an unconditional training prompt is text, not zeros
     sdxl_pipe.register_to_config(force_zeros_for_empty_prompt=False)
     try:  # without the flag the pipeline encodes "" like any prompt, and so do we
         _, encoded, _, encoded_pooled = sdxl_pipe.encode_prompt(PROMPTS[:1], do_classifier_free_guidance=True)
-        empty = encode_prompts(sdxl_pipe, [""])
+        empty = encode_negative(sdxl_pipe)
     finally:
         sdxl_pipe.register_to_config(force_zeros_for_empty_prompt=True)
     assert empty.embeds.any() and torch.equal(empty.embeds, encoded) and torch.equal(empty.pooled, encoded_pooled)
@@ -120,7 +121,8 @@ def test_ddim_sampling_matches_plain_diffusers(sdxl_pipe):
                         output_type="latent").images
     assert (out.final_latents - latents).abs().max() < 1e-4
     assert out.images.shape == (2, 3, 32, 32) and torch.isnan(out.trajectory.log_probs).all()
-    cond, x, t = encode_prompts(sdxl_pipe, PROMPTS), torch.randn(2, 4, 8, 8), torch.tensor([900, 300])
+    cond, t = encode_prompts(sdxl_pipe, PROMPTS), torch.tensor([900, 300])
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         base = cond.call(sdxl_pipe.unet, x, t)
         resized = encode_prompts(sdxl_pipe, PROMPTS, 64, 64).call(sdxl_pipe.unet, x, t)

@@ -123,6 +123,11 @@ class Backbone:
         size conditioning reads them)."""
         raise NotImplementedError
 
+    def encode_negative(self, pipe, prompt: str, height: int | None = None, width: int | None = None
+                        ) -> Conditioning:
+        """The one-row conditioning of classifier-free guidance's negative (unconditional) prompt."""
+        return self.encode(pipe, [prompt], height, width)
+
     def latent_shape(self, pipe, batch: int, height: int | None = None, width: int | None = None
                      ) -> tuple[int, ...]:
         """``(B, C, h, w)`` of the initial noise for images of ``height x width`` (the native size by default)."""
@@ -189,16 +194,10 @@ class SDXLBackbone(UNetBackbone):
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], height: int | None = None, width: int | None = None) -> Conditioning:
         """The pipeline's own ``encode_prompt`` states ``[B,L,D1+D2]`` and pooled ``[B,P]``, and size ids ``[B,6]``
-        (original = target = ``height x width``, crop at (0, 0)). With ``force_zeros_for_empty_prompt`` in the
-        pipeline's config, an empty prompt (the sampler's default negative prompt) is all zeros, as SDXL's
-        ``__call__`` conditions on it when no negative prompt is given."""
+        (original = target = ``height x width``, crop at (0, 0))."""
         prompts = list(prompts)
         device = self.denoiser(pipe).device
         embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, device=device, do_classifier_free_guidance=False)
-        if pipe.config.get("force_zeros_for_empty_prompt", False):
-            keep = torch.tensor([p != "" for p in prompts], device=embeds.device)
-            embeds = torch.where(keep[:, None, None], embeds, torch.zeros_like(embeds))
-            pooled = torch.where(keep[:, None], pooled, torch.zeros_like(pooled))
         native = pipe.default_sample_size * pipe.vae_scale_factor
         size = (height or native, width or native)
         encoder_2 = getattr(pipe, "text_encoder_2", None)
@@ -206,6 +205,15 @@ class SDXLBackbone(UNetBackbone):
         time_ids = pipe._get_add_time_ids(size, (0, 0), size, dtype=embeds.dtype,
                                           text_encoder_projection_dim=projection)
         return Conditioning(embeds, pooled, kind="sdxl", time_ids=time_ids.to(device).repeat(len(prompts), 1))
+
+    def encode_negative(self, pipe, prompt: str, height: int | None = None, width: int | None = None
+                        ) -> Conditioning:
+        """With ``force_zeros_for_empty_prompt`` in the pipeline's config, an empty negative prompt is all zeros
+        (states and pooled), as SDXL's ``__call__`` conditions on it when no negative prompt is given."""
+        cond = self.encode(pipe, [prompt], height, width)
+        if prompt == "" and pipe.config.get("force_zeros_for_empty_prompt", False):
+            cond.embeds, cond.pooled = torch.zeros_like(cond.embeds), torch.zeros_like(cond.pooled)
+        return cond
 
 
 class SD3Backbone(Backbone):

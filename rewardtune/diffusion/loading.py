@@ -1,4 +1,4 @@
-"""Load a Stable Diffusion pipeline (SD 1.x / 2.x UNet, SD3 / SD3.5 transformer: the kinds of
+"""Load a Stable Diffusion pipeline (SD 1.x / 2.x and SDXL UNets, SD3 / SD3.5 transformers: the kinds of
 :data:`rewardtune.diffusion.backbones.BACKBONES`) from a registered name, a local folder or a hub id."""
 
 from __future__ import annotations
@@ -194,8 +194,9 @@ def _absent_components(cls: type, source: str, local: bool) -> dict:
 
 def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu",
                   lora: str | Path | None = None):
-    """The pipeline ``model_index.json`` names (SD with a ``DDIMScheduler``; SD3 with its flow-matching scheduler
-    and exact T5-less attention, :mod:`rewardtune.diffusion.sd3`), on ``device`` in ``dtype``, progress bars off;
+    """The pipeline ``model_index.json`` names (SD and SDXL with a ``DDIMScheduler``; SD3 with its flow-matching
+    scheduler and exact T5-less attention, :mod:`rewardtune.diffusion.sd3`), on ``device`` in ``dtype``, progress
+    bars off;
     with ``lora``, the LoRA weights of that folder loaded on top.
 
     Raises:

@@ -79,10 +79,9 @@ def ddim_step_with_logprob(
         eps = alpha_t.sqrt() * eps_or_x0 + beta_t.sqrt() * x_t
     else:
         raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon, sample or v_prediction")
-    if scheduler.config.clip_sample:
+    if scheduler.config.clip_sample:  # eps is kept, as DDIMScheduler.step (use_clipped_model_output=False)
         limit = scheduler.config.clip_sample_range
         x0 = x0.clamp(-limit, limit)
-        eps = (x_t - alpha_t.sqrt() * x0) / beta_t.sqrt()
 
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.clamp_min(0).sqrt()

@@ -44,6 +44,12 @@ def encode_prompts(pipe, prompts: list[str], height: int | None = None, width: i
     return backbone_of(pipe).encode(pipe, list(prompts), height, width)
 
 
+def encode_negative(pipe, prompt: str = "", height: int | None = None, width: int | None = None) -> Conditioning:
+    """The one-row conditioning of classifier-free guidance's negative prompt, as the pipeline's ``__call__`` makes
+    it (SDXL: zeros for an empty one)."""
+    return backbone_of(pipe).encode_negative(pipe, prompt, height, width)
+
+
 def generators_for(seeds: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One seeded generator per sample."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]

@@ -23,6 +23,7 @@ from rewardtune.diffusion.backbones import Conditioning, denoiser
 from rewardtune.diffusion.sampling import (
     Trajectory,
     decode_latents,
+    encode_negative,
     encode_prompts,
     generators_for,
     sample_trajectories,
@@ -61,7 +62,7 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], settings: Sampl
     device = denoiser(pipe).device
     size = (settings.height, settings.width)
     embeds = encode_prompts(pipe, list(prompts), *size)
-    negative = encode_prompts(pipe, [settings.negative_prompt], *size) if settings.guidance != 1.0 else None
+    negative = encode_negative(pipe, settings.negative_prompt, *size) if settings.guidance != 1.0 else None
     group = torch.arange(len(prompts), device=device).repeat_interleave(per_prompt)
     for start in range(0, len(seeds), settings.batch_size):
         index = torch.arange(start, min(start + settings.batch_size, len(seeds)))

@@ -51,20 +51,20 @@ def teacher_data(pipe, prompts: list[str], seeds: list[int], steps: int = 20, gu
                  batch_size: int = 64, progress: Callable[[int], None] | None = None) -> DistillData:
     """Latents sampled by the (unpruned) pipeline for ``prompts[i]`` from ``seeds[i]`` (DDIM, eta 0), with the
     prompts' text states, from the sampling service (no decoding)."""
-    from rewardtune.diffusion.sampling import encode_prompts
+    from rewardtune.diffusion.sampling import encode_negative
     from rewardtune.diffusion.service import generate
     from rewardtune.diffusion.settings import SamplerSettings
 
     settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)
     out = generate(pipe, prompts, seeds, settings, decode=False, progress=progress)
-    empty = out.negative_embeds if out.negative_embeds is not None else encode_prompts(pipe, [""])
+    empty = out.negative_embeds if out.negative_embeds is not None else encode_negative(pipe)
     return DistillData(out.final_latents, out.prompt_embeds[out.group].embeds, empty.embeds)
 
 
 @torch.no_grad()
 def shapes_data(pipe, n: int, seed: int = 0) -> DistillData:
     """``n`` shapes-world renders encoded by the pipeline's VAE, with freshly drawn captions."""
-    from rewardtune.diffusion.sampling import encode_prompts
+    from rewardtune.diffusion.sampling import encode_negative, encode_prompts
     from rewardtune.shapes.data import ShapesData
 
     data = ShapesData.generate(n, seed=seed)
@@ -73,7 +73,7 @@ def shapes_data(pipe, n: int, seed: int = 0) -> DistillData:
                          for chunk in data.images.split(256)]) * vae.config.scaling_factor
     captions = data.captions(np.arange(n), np.random.default_rng(seed))
     states = torch.cat([encode_prompts(pipe, captions[i:i + 256]).embeds for i in range(0, n, 256)])
-    return DistillData(latents.float(), states, encode_prompts(pipe, [""]).embeds)
+    return DistillData(latents.float(), states, encode_negative(pipe).embeds)
 
 
 def block_names(unet: nn.Module) -> list[str]:

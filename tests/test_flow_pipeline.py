@@ -137,10 +137,12 @@ def test_ratio_is_one_before_the_first_update_and_an_update_moves_it(flow_pipe):
     assert all(torch.equal(v, text_before[k]) for k, v in pipe.text_encoder.state_dict().items())
 
 
-@pytest.mark.parametrize("algorithm, lora", [("prdp", 2), ("grpo", None), ("ddpo", 2)])
-def test_finetune_runs_on_a_flow_pipeline(tiny_flow_pipeline_dir, tmp_path, algorithm, lora):
+@pytest.mark.parametrize("algorithm, lora, extra", [("prdp", 2, []), ("ddpo", 2, []),
+                                                    ("grpo", None, ["train.sampling.sde_window=[1, 2]"])])
+def test_finetune_runs_on_a_flow_pipeline(tiny_flow_pipeline_dir, tmp_path, algorithm, lora, extra):
     """The same finetuning config trains an SD3 pipeline (only ``model`` differs); the final model loads in plain
-    diffusers (a pipeline folder, or LoRA weights on the base), T5-less as diffusers documents it."""
+    diffusers (a pipeline folder, or LoRA weights on the base), T5-less as diffusers documents it. The GRPO run
+    trains the full transformer on its second step only (an SDE window), with the KL to a frozen reference."""
     import json
 
     from diffusers import StableDiffusion3Pipeline
@@ -154,7 +156,7 @@ def test_finetune_runs_on_a_flow_pipeline(tiny_flow_pipeline_dir, tmp_path, algo
         "save_every=1", f"lora_rank={lora or 'null'}", "eval_prompts=[a red circle]", "eval_seeds=[0]",
         f"train.algorithm={algorithm}", "train.reward=jpeg_incompressibility", "train.prompts_per_epoch=2",
         "train.images_per_prompt=2", "train.inner_steps=1", "train.sampling.steps=2", "train.sampling.eta=0.7",
-        "train.optim.lr=1e-3"])
+        "train.optim.lr=1e-3", *extra])
     run_finetune(cfg)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2] and all(r["steps"] == 1 and r["grad_norm"] > 0 for r in records)
@@ -175,3 +177,41 @@ def test_sample_command_on_a_flow_pipeline(tiny_flow_pipeline_dir, tmp_path):
     assert main(["sample", "--model", str(tiny_flow_pipeline_dir), "--prompt", "a red circle", "--num-images", "2",
                  "--steps", "2", "--out", str(tmp_path / "s")]) == 0
     assert len(list((tmp_path / "s").glob("0*.png"))) == 2 and (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_sde_window_samples_and_trains_only_its_steps(flow_pipe):
+    """``sde_window=[1, 3]`` of 4 steps: steps 0 and 3 are the deterministic ODE step (no log-prob; step 0 lands
+    where the ODE sampler lands), steps 1-2 are stochastic, and finetuning trains only steps 1 and 2."""
+    from rewardtune.diffusion.service import generate
+    from rewardtune.finetune.config import FinetuneConfig, SamplingConfig
+    from rewardtune.finetune.update import plan_minibatches
+
+    window = SamplerSettings(steps=4, guidance=2.0, eta=0.7, sde_window=[1, 3])
+    out = generate(flow_pipe, PROMPTS, [0, 1], window, keep_trajectories=True)
+    log_probs = out.trajectory.log_probs
+    assert torch.isnan(log_probs[:, [0, 3]]).all() and torch.isfinite(log_probs[:, 1:3]).all()
+    ode = generate(flow_pipe, PROMPTS, [0, 1], SamplerSettings(steps=4, guidance=2.0, eta=0.0), keep_trajectories=True)
+    torch.testing.assert_close(out.trajectory.latents[:, 1], ode.trajectory.latents[:, 1], rtol=0, atol=1e-6)
+    assert (out.final_latents - ode.final_latents).abs().max() > 1e-3
+    cfg = FinetuneConfig(prompts_per_epoch=2, images_per_prompt=3, inner_steps=3, timestep_fraction=1.0,
+                         sampling=SamplingConfig(steps=4, eta=0.7, sde_window=[1, 3]))
+    passes = plan_minibatches(2, 3, 4, cfg, True, torch.Generator().manual_seed(0))
+    steps = torch.cat([batch.steps for minibatches in passes for batch in minibatches])
+    assert steps.shape[1] == 2 and set(steps.flatten().tolist()) == {1, 2}
+    with pytest.raises(Exception, match="sde_window"):
+        SamplingConfig(steps=4, eta=0.7, sde_window=[2, 5])
+
+
+def test_same_latent_shares_x_T_within_a_prompt_group(flow_pipe):
+    from rewardtune.diffusion.service import generate
+
+    seeds = [3, 4, 5, 6]
+    shared = generate(flow_pipe, PROMPTS, seeds, SamplerSettings(steps=3, eta=0.7, same_latent=True, batch_size=3),
+                      per_prompt=2, keep_trajectories=True)
+    plain = generate(flow_pipe, PROMPTS, seeds, SamplerSettings(steps=3, eta=0.7), per_prompt=2,
+                     keep_trajectories=True)
+    x_T = shared.trajectory.latents[:, 0]
+    assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3]) and not torch.equal(x_T[0], x_T[2])
+    first = [0, 2]  # a group's first sample is the plain one; the others keep their own step noise
+    torch.testing.assert_close(shared.trajectory.latents[first], plain.trajectory.latents[first], rtol=0, atol=0)
+    assert (shared.final_latents[1] - shared.final_latents[0]).abs().max() > 1e-3

@@ -115,6 +115,8 @@ def sample_trajectories(
     progress=None,
     family: str = "auto",
     keep_latents: bool = True,
+    sde_window: list[int] | None = None,
+    initial_generators: list[torch.Generator] | None = None,
 ) -> Trajectory:
     """Sample B trajectories with the scheduler family's step (DDIM with ``eta``; the flow SDE with noise level
     ``eta``) and classifier-free guidance.
@@ -127,6 +129,10 @@ def sample_trajectories(
         generators: one per sample (see :func:`generators_for`); they draw x_T and every step's noise.
         progress: optional callable invoked once per denoising step (e.g. a progress bar's ``update``).
         keep_latents: keep every step's latents (``[B,T+1,...]``); False keeps ``x_T`` and ``x_0`` (``[B,2,...]``).
+        sde_window: ``[a, b]``: ``eta`` only on steps ``a <= i < b``, the deterministic step (eta 0, log-prob NaN)
+            elsewhere; None: ``eta`` on every step.
+        initial_generators: draw ``x_T`` from these instead (one per sample; ``generators`` still draw, and
+            discard, their own ``x_T`` first, so each sample's step noise is the same either way).
     """
     backbone = backbone_of(pipe)
     step = family_step(family_of(pipe, family))
@@ -137,8 +143,10 @@ def sample_trajectories(
     scheduler.set_timesteps(steps, device=prompt_embeds.device)
     model = backbone.denoiser(pipe)
     dtype = model.dtype
-    latents = randn_tensor(backbone.latent_shape(pipe, batch, height, width), generator=generators,
-                           device=prompt_embeds.device, dtype=torch.float32)
+    shape = backbone.latent_shape(pipe, batch, height, width)
+    latents = randn_tensor(shape, generator=generators, device=prompt_embeds.device, dtype=torch.float32)
+    if initial_generators is not None:
+        latents = randn_tensor(shape, generator=initial_generators, device=prompt_embeds.device, dtype=torch.float32)
     latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # DDIM's (1); flow schedulers start at 1
     cond = prompt_embeds.to(dtype)
     negative = None if negative_embeds is None else negative_embeds.to(dtype)
@@ -147,7 +155,9 @@ def sample_trajectories(
         t_batch = t.expand(batch)
         model_in = scale_model_input(scheduler, latents, t).to(dtype)
         noise_pred = predict_noise(model, model_in, t_batch, cond, negative, guidance)
-        latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta, generator=generators)
+        stochastic = sde_window is None or sde_window[0] <= i < sde_window[1]
+        latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta if stochastic else 0.0,
+                                 generator=generators)
         latents = latents.float()
         if keep_latents or i == len(scheduler.timesteps) - 1:
             all_latents.append(latents)

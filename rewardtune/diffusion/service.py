@@ -67,11 +67,13 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], settings: Sampl
     for start in range(0, len(seeds), settings.batch_size):
         index = torch.arange(start, min(start + settings.batch_size, len(seeds)))
         batch = embeds[group[index]]
+        group_seeds = [seeds[int(g) * per_prompt] for g in group[index]]  # x_T of a group under same_latent
         trajectory = sample_trajectories(
             pipe, batch, None if negative is None else negative.expand(len(batch)),
             generators_for(seeds[start:start + settings.batch_size], device), steps=settings.steps,
             guidance=settings.guidance, eta=settings.eta, height=settings.height, width=settings.width,
-            family=settings.scheduler, keep_latents=keep_trajectories)
+            family=settings.scheduler, keep_latents=keep_trajectories, sde_window=settings.sde_window,
+            initial_generators=generators_for(group_seeds, device) if settings.same_latent else None)
         images = None
         if decode:
             with torch.no_grad():

@@ -37,7 +37,12 @@ class SamplerSettings:
     ``guidance``: classifier-free guidance scale (1 disables it); ``negative_prompt``: the unconditional prompt;
     ``batch_size``: samples per denoising call; ``height``/``width``: None for the UNet's native size;
     ``scheduler``: the scheduler family (an entry of :data:`SCHEDULER_FAMILIES`: ``ddim``, or ``flow`` whose SDE
-    step takes ``eta`` as its noise level), or ``auto`` for the pipeline's own (DDIM for SD, flow for SD3)."""
+    step takes ``eta`` as its noise level), or ``auto`` for the pipeline's own (DDIM for SD, flow for SD3);
+    ``sde_window``: ``[a, b]`` runs the stochastic step (``eta``) only on steps ``a <= i < b`` (0-based, in sampling
+    order) and the deterministic one elsewhere, so only those steps have log-probabilities and are trained (the
+    "Fast" variants of Flow-GRPO / MixGRPO); None: every step. ``same_latent``: the samples of a prompt start from
+    one ``x_T`` (that of the prompt's first seed) and differ only in the stochastic steps' noise (Flow-GRPO's
+    ``same_latent``)."""
 
     steps: int = 20
     guidance: float = 5.0
@@ -47,6 +52,13 @@ class SamplerSettings:
     height: int | None = None
     width: int | None = None
     scheduler: str = AUTO_FAMILY
+    sde_window: list[int] | None = None
+    same_latent: bool = False
+
+    @property
+    def window(self) -> range:
+        """The step indices that run the stochastic step (all of them without ``sde_window``)."""
+        return range(*self.sde_window) if self.sde_window else range(self.steps)
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)
@@ -57,5 +69,8 @@ class SamplerSettings:
         for key in ("height", "width"):
             value = getattr(self, key)
             require(value is None or value >= 1, key, "a positive number of pixels", value)
+        window = self.sde_window
+        require(window is None or (len(window) == 2 and 0 <= window[0] < window[1] <= self.steps), "sde_window",
+                f"null or [a, b] with 0 <= a < b <= steps ({self.steps})", window)
         require(self.scheduler == AUTO_FAMILY or self.scheduler in SCHEDULER_FAMILIES, "scheduler",
                 "one of " + ", ".join([AUTO_FAMILY, *SCHEDULER_FAMILIES.names()]), self.scheduler)

@@ -101,19 +101,25 @@ def adapters_disabled(model: torch.nn.Module):
 @torch.no_grad()
 def reference_log_probs(model, scheduler, rollouts: Rollouts, reference: Reference, cfg: SamplingConfig
                         ) -> torch.Tensor:
-    """``[S,T]`` log-probs of the recorded transitions under ``reference`` (see the module docstring), in UNet
-    calls of ``cfg.batch_size`` (sample, step) pairs."""
+    """``[S,T]`` log-probs of the recorded transitions under ``reference`` (see the module docstring), in denoiser
+    calls of ``cfg.batch_size`` (sample, step) pairs; only the steps of ``cfg.sde_window`` are scored (the others
+    are deterministic: NaN, as recorded)."""
     if reference is None:
         return rollouts.log_probs_old
     every = torch.arange(rollouts.num_samples)
-    steps = torch.arange(rollouts.num_steps)
+    steps = torch.tensor(list(cfg.window))
     if isinstance(reference, str):
         if reference != ADAPTERS_DISABLED:
             raise ValueError(f"unknown reference {reference!r}; use None, {ADAPTERS_DISABLED!r} or a UNet")
         with adapters_disabled(model):
-            return trajectory_log_probs(model, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta,
-                                        cfg.batch_size)
-    return trajectory_log_probs(reference, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta, cfg.batch_size)
+            scored = trajectory_log_probs(model, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta,
+                                          cfg.batch_size)
+    else:
+        scored = trajectory_log_probs(reference, scheduler, rollouts, every, steps, cfg.guidance, cfg.eta,
+                                      cfg.batch_size)
+    out = torch.full_like(rollouts.log_probs_old, float("nan"))
+    out[:, steps.to(out.device)] = scored
+    return out
 
 
 def epoch_reference(epoch: int, reference: Reference, uses_reference: bool = True) -> Reference:

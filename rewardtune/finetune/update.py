@@ -50,12 +50,16 @@ def plan_minibatches(num_groups: int, group_size: int, num_steps: int, cfg: Fine
     """K passes (``cfg.inner_steps``) over the ``num_groups * group_size`` samples of an epoch.
 
     Each pass shuffles the order (of groups when ``whole_groups``, of single samples otherwise), gives every sample
-    its own random permutation of the T steps truncated to ``max(1, int(T * timestep_fraction))`` (as
-    ddpo-pytorch), and cuts the order into minibatches of ``groups_per_update * group_size`` samples.
+    its own random permutation of the W trainable steps (all T, or the sampler's ``sde_window``) truncated to
+    ``max(1, int(W * timestep_fraction))`` (as ddpo-pytorch), and cuts the order into minibatches of
+    ``groups_per_update * group_size`` samples.
     """
     total = num_groups * group_size
     per_update = (cfg.groups_per_update or num_groups) * group_size
-    k = max(1, int(num_steps * cfg.timestep_fraction))
+    window = range(*cfg.sampling.sde_window) if cfg.sampling.sde_window else range(num_steps)
+    if window.stop > num_steps:
+        raise ValueError(f"sde_window {cfg.sampling.sde_window} does not fit the rollouts' {num_steps} steps")
+    k = max(1, int(len(window) * cfg.timestep_fraction))
     passes = []
     for _ in range(cfg.inner_steps):
         if whole_groups:
@@ -63,7 +67,7 @@ def plan_minibatches(num_groups: int, group_size: int, num_steps: int, cfg: Fine
             order = (groups[:, None] * group_size + torch.arange(group_size)).reshape(-1)
         else:
             order = torch.randperm(total, generator=generator)
-        steps = torch.argsort(torch.rand(total, num_steps, generator=generator), dim=1)[:, :k]
+        steps = window.start + torch.argsort(torch.rand(total, len(window), generator=generator), dim=1)[:, :k]
         passes.append([Minibatch(order[i:i + per_update], steps[order[i:i + per_update]])
                        for i in range(0, total, per_update)])
     return passes

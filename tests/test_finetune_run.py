@@ -273,7 +273,8 @@ def test_preset_files_load_and_cli_accepts_them(tmp_path):
                 assert getattr(prdp.train, key) == getattr(other.train, key), (other.train.algorithm, key)
     for job in ("prdp", "ddpo", "grpo"):  # the flow presets: the UNet ones with the model and the SDE noise level
         unet, flow = (load_preset(configs / job / f"shapes_{kind}small.yaml", configs) for kind in ("", "flow_"))
-        assert (flow.model, flow.train.sampling.eta, flow.train.sampling.scheduler) == ("shapes-tiny-flow", 0.7, "auto")
+        sampling = flow.train.sampling
+        assert (flow.model, sampling.eta, sampling.scheduler) == ("shapes-tiny-flow", 0.7, "auto")
         flow.train.sampling.eta, flow.model, flow.output_dir = 1.0, unet.model, unet.output_dir
         assert flow == unet
 

@@ -90,6 +90,49 @@ def build_tiny_flow_pipeline(folder, t5: bool = False):
     return folder / "pipe"
 
 
+# stabilityai/stable-diffusion-xl-base-1.0's scheduler_config.json: Euler, with the DDIM keys that the conversion to
+# DDIM reads (no x0 clipping, the last step to alphas_cumprod[0])
+SDXL_SCHEDULER = {
+    "_class_name": "EulerDiscreteScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085, "clip_sample": False, "interpolation_type": "linear", "num_train_timesteps": 1000,
+    "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False, "skip_prk_steps": True,
+    "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": None, "use_karras_sigmas": False}
+
+
+def build_tiny_sdxl_pipeline(folder):
+    """A random tiny SDXL pipeline (a CLIP encoder and a CLIP encoder with projection, a 2-block
+    ``UNet2DConditionModel`` with ``text_time`` added conditioning, SDXL's Euler scheduler config), saved with
+    ``save_pretrained``."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from rewardtune.shapes.tiny_models import save_clip_tokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(save_clip_tokenizer(TOKENIZER_CORPUS, folder / "_tokenizer"))
+    text = dict(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                num_attention_heads=2, max_position_embeddings=32, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+    time_dim, projection = 4, 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32, norm_num_groups=4, attention_head_dim=2, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + projection)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, latent_channels=4, norm_num_groups=4, sample_size=32,
+        scaling_factor=0.13025)
+    scheduler = EulerDiscreteScheduler.from_config(SDXL_SCHEDULER)
+    pipe = StableDiffusionXLPipeline(
+        vae=vae, text_encoder=CLIPTextModel(CLIPTextConfig(**text)), tokenizer=tokenizer,
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**text, projection_dim=projection)),
+        tokenizer_2=tokenizer, unet=unet, scheduler=scheduler, add_watermarker=False)
+    pipe.save_pretrained(folder / "pipe")
+    return folder / "pipe"
+
+
 # The integration tier: tests that run whole commands or jobs end to end (the rest are unit tests of one piece).
 INTEGRATION = ("reliability/", "_cli.py", "_run.py", "test_commands.py", "test_finetune_multiprocess.py",
                "test_finetune_algorithm_registry.py", "test_prune_registry.py")
@@ -111,6 +154,11 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_flow_pipeline_dir(tmp_path_factory):
     return build_tiny_flow_pipeline(tmp_path_factory.mktemp("tiny_sd3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_pipeline_dir(tmp_path_factory):
+    return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
 @pytest.fixture(scope="session")

@@ -391,11 +391,11 @@ def measure_reward(size: Size, device: str, work: Path) -> dict:
     return record
 
 
-def run_config(case: Case, size: Size, device: str, model_path: str, out: Path):
+def run_config(case: Case, size: Size, device: str, model_path: str, out: Path, precision: dict[str, str]):
     from rewardtune.config import load_config
     from rewardtune.finetune.run import RunConfig
 
-    precision = PRECISION[case.model] if device.startswith("cuda") else "bf16"
+    precision = precision[case.model] if device.startswith("cuda") else "bf16"
     overrides = [
         f"model={model_path}", f"output_dir={out}", f"prompts=[{', '.join(PROMPTS[:2])}]", "epochs=2",
         "save_every=2", f"lora_rank={size.lora_rank if case.lora else 'null'}", f"mixed_precision={precision}",
@@ -465,9 +465,10 @@ def run_whole(cfg) -> tuple[list[dict], list[float] | None, None]:
 PHASES = ("sampling", "reward", "update")
 
 
-def measure_case(case: Case, size: Size, device: str, model_path: str, work: Path, driver: str) -> dict:
+def measure_case(case: Case, size: Size, device: str, model_path: str, work: Path, driver: str,
+                 precision: dict[str, str]) -> dict:
     out = work / "runs" / case.name
-    cfg = run_config(case, size, device, model_path, out)
+    cfg = run_config(case, size, device, model_path, out, precision)
     reset_accelerate()
     free_memory(device)
     before = gib(torch.cuda.memory_allocated()) if device.startswith("cuda") else None
@@ -566,8 +567,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--driver", choices=("epochs", "run"), default="epochs")
     parser.add_argument("--work", default=None, help="folder for the built models (default: a temporary one, "
                                                      "deleted at the end)")
+    parser.add_argument("--precision", default="",
+                        help="mixed precision per model on CUDA, e.g. sd15=bf16 (default: sd15=fp16,sd35m=bf16)")
     parser.add_argument("--list", action="store_true", help="print the case names and exit")
     return parser.parse_args(argv)
+
+
+def parse_precision(text: str) -> dict[str, str]:
+    """``MODEL=PREC,...`` over :data:`PRECISION` (``no``, ``fp16`` or ``bf16``)."""
+    precision = dict(PRECISION)
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        model, _, value = part.partition("=")
+        if model not in MODELS or value not in ("no", "fp16", "bf16"):
+            raise SystemExit(f"--precision {part!r}: expected MODEL=PREC with MODEL in {', '.join(MODELS)} and PREC "
+                             "no, fp16 or bf16")
+        precision[model] = value
+    return precision
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -579,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     size, device = SIZES[args.size], args.device
     max_seconds = args.max_seconds if args.max_seconds is not None else size.max_seconds
     selected = select(args.cases)
+    precision = parse_precision(args.precision)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "device_check.json"
@@ -586,10 +602,11 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     quiet_progress_bars()
+    used = precision if device.startswith("cuda") else dict.fromkeys(MODELS, "bf16")  # no fp16 autocast on CPU
+    settings = {**size.__dict__, "trained_reward": "jpeg_incompressibility", "inner_steps": 1, "epochs": 2,
+                "guidance": 5.0, "precision": used, "eta": ETA}
     report = {"schema": SCHEMA, "size": size.name, "driver": args.driver, "max_seconds": max_seconds,
-              "selected": selected, "settings": {**size.__dict__, "trained_reward": "jpeg_incompressibility",
-                                                 "inner_steps": 1, "epochs": 2, "guidance": 5.0,
-                                                 "precision": {m: PRECISION[m] for m in MODELS}, "eta": ETA},
+              "selected": selected, "settings": settings,
               "device": device_record(device), "models": {}, "cases": [], "reward_scoring": None,
               "elapsed_seconds": 0.0}
     durations: dict[str, float] = {}
@@ -627,7 +644,7 @@ def main(argv: list[str] | None = None) -> int:
                             report["models"][model] = build_model(model, work / model, size, device)
                         free_memory(device)
                         row.update(measure_case(case, size, device, report["models"][model]["path"], work,
-                                                args.driver), **peak_memory(device))
+                                                args.driver, precision), **peak_memory(device))
                 except Exception as exc:  # noqa: BLE001  (a failing case is a result; the others still run)
                     failed = True
                     row.update(status="error", error=error_text(exc), **peak_memory(device))

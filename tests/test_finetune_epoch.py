@@ -217,6 +217,27 @@ def test_nan_reward_skips_the_step(pipe, algorithm, caplog):
     assert all(p.grad is None for p in pipe.unet.parameters())
 
 
+def test_an_overflowing_fp16_step_still_lets_the_scaler_back_off(pipe):
+    """With a gradient scaler (accelerate's fp16), a non-finite gradient norm must still reach ``optimizer.step()``:
+    the scaler then skips the update and lowers its scale; skipping the call would leave it unscaled and the next
+    step's ``unscale_`` would raise."""
+    cfg = make_cfg("ddpo")
+    rollouts = collect_rollouts(pipe, PROMPTS, B, cfg.sampling, Brightness(), seeds=80)
+
+    class ScaledOptimizer(torch.optim.SGD):
+        scaler, calls = object(), 0
+
+        def step(self, closure=None):  # what accelerate's AcceleratedOptimizer does: scaler.step skips on inf
+            self.calls += 1
+
+    optimizer = ScaledOptimizer([p for p in pipe.unet.parameters()], lr=1e-3)
+    unet_before = clone_state(pipe.unet)
+    metrics = update_epoch(pipe.unet, optimizer, rollouts, cfg, make_algorithm(cfg), scheduler=pipe.scheduler,
+                           clip_grad_norm=lambda params, max_norm: torch.tensor(float("inf")))
+    assert metrics["skipped"] == 1 and metrics["steps"] == 0 and optimizer.calls == 1
+    assert same_state(pipe.unet, unet_before) and all(p.grad is None for p in pipe.unet.parameters())
+
+
 class GradientRecorder(torch.optim.SGD):
     """SGD that keeps a flat copy of the gradient it is asked to apply."""
 

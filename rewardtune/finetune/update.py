@@ -156,6 +156,8 @@ def gradient_step(ctx: StepContext, rollouts: Rollouts, batch: Minibatch, target
     params = [p for group in optimizer.param_groups for p in group["params"]]
     record["grad_norm"] = float(ctx.clip_grad_norm(params, ctx.cfg.optim.max_grad_norm))
     if not math.isfinite(record["grad_norm"]):
+        if getattr(optimizer, "scaler", None) is not None:  # fp16: the scaler skips the update, lowers its scale
+            optimizer.step()                                # and resets (else the next unscale_ raises)
         optimizer.zero_grad(set_to_none=True)
         return {**record, "skipped": 1.0}
     optimizer.step()

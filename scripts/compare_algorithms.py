@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from controls import grid_figure
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, run_all, table
+from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, finished, run_all, table
 
 MODELS = {"tiny": "shapes_small", "flow": "shapes_flow_small"}
 ARMS = {"prdp": ("prdp", []), "grpo": ("grpo", []), "ddpo": ("ddpo", []),
@@ -39,10 +39,8 @@ def main() -> None:
     parser.add_argument("--existing", action="store_true", help="only the runs that have finished; start none")
     args = parser.parse_args()
     plan = arms(args.models, args.arms)
-    if args.existing:
-        done = lambda arm: all((args.out / arm.name / f"seed{s}" / "summary.json").is_file()  # noqa: E731
-                               for s in args.seeds)
-        plan = [a for a in plan if done(a)]
+    if args.existing:  # tabulate what has run, start nothing
+        plan = finished(plan, args.seeds, args.out)
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
     names = [a.name for a in plan]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, run_all, table
+from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, finished, run_all, table
 
 PRESET = "configs/prdp/shapes_small.yaml"
 CONTROLS = {
@@ -88,9 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     plan = arms(args.settings, args.controls, args.preset)
     if args.existing:  # tabulate what has run, start nothing
-        done = lambda arm: all((args.out / arm.name / f"seed{s}" / "summary.json").is_file()  # noqa: E731
-                               for s in args.seeds)
-        plan = [a for a in plan if done(a)]
+        plan = finished(plan, args.seeds, args.out)
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
     names = [a.name for a in plan]

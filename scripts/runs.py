@@ -68,6 +68,11 @@ def run_arm(arm: Arm, seed: int, out: Path, epochs: int | None = None, threads: 
     return folder
 
 
+def finished(arms: list[Arm], seeds: list[int], out: Path) -> list[Arm]:
+    """The arms whose runs of every seed have finished (``summary.json``): what ``--existing`` tabulates."""
+    return [arm for arm in arms if all((out / arm.name / f"seed{s}" / "summary.json").is_file() for s in seeds)]
+
+
 def run_all(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = None, workers: int = 1,
             threads: int = 1) -> dict[str, list[Path]]:
     """Every arm x seed, ``workers`` at a time, seed by seed (a long study stopped early has every arm's first

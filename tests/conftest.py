@@ -161,6 +161,18 @@ def tiny_sdxl_pipeline_dir(tmp_path_factory):
     return build_tiny_sdxl_pipeline(tmp_path_factory.mktemp("tiny_sdxl"))
 
 
+@pytest.fixture
+def fresh_pipe(tiny_pipeline_dir):
+    """A fresh tiny pipeline per test (updates must not leak into the session's ``tiny_pipe``), VAE and text encoder
+    frozen."""
+    from rewardtune.diffusion.loading import load_pipeline
+
+    pipe = load_pipeline(str(tiny_pipeline_dir))
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipeline_dir):
     from rewardtune.diffusion.loading import load_pipeline

@@ -37,14 +37,8 @@ class Brightness:
 
 
 @pytest.fixture
-def pipe(tiny_pipeline_dir):
-    """A fresh copy per test (updates must not leak into the session's ``tiny_pipe``); VAE and text encoder frozen."""
-    from rewardtune.diffusion.loading import load_pipeline
-
-    pipe = load_pipeline(str(tiny_pipeline_dir))
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    return pipe
+def pipe(fresh_pipe):
+    return fresh_pipe
 
 
 def make_cfg(algorithm="prdp", guidance=5.0, lr=1e-3, **overrides) -> FinetuneConfig:

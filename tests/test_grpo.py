@@ -198,13 +198,8 @@ N, B, T = 2, 3, 4
 
 
 @pytest.fixture
-def pipe(tiny_pipeline_dir):
-    from rewardtune.diffusion.loading import load_pipeline
-
-    pipe = load_pipeline(str(tiny_pipeline_dir))
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    return pipe
+def pipe(fresh_pipe):
+    return fresh_pipe
 
 
 def brightness(images, prompts):

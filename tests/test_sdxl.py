@@ -6,8 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rewardtune.diffusion.settings import SamplerSettings
-
 PROMPTS = ["a red circle", "a blue square on a white background"]
 @pytest.fixture(scope="module")
 def sdxl_dir(tiny_sdxl_pipeline_dir):
@@ -63,20 +61,11 @@ def test_conditioning_is_the_pipelines_own(sdxl_pipe):
     assert torch.equal(both.pooled[0].float(), pooled[1]) and torch.equal(both.embeds[1].float(), encoded[0])
 
 
-def test_ddim_sampling_matches_plain_diffusers(sdxl_pipe):
-    """eta 0 reproduces StableDiffusionXLPipeline.__call__ (same DDIM scheduler) seed for seed; the size ids and
-    pooled embeddings reach the UNet (dropping either changes the output)."""
+def test_size_ids_and_pooled_embeddings_reach_the_unet(sdxl_pipe):
+    """Dropping either the size ids' change or the pooled embedding changes the UNet's output."""
     from rewardtune.diffusion.backbones import Conditioning
     from rewardtune.diffusion.sampling import encode_prompts
-    from rewardtune.diffusion.service import generate
 
-    settings = SamplerSettings(steps=4, guidance=3.0, eta=0.0)
-    out = generate(sdxl_pipe, PROMPTS, [5, 6], settings, keep_trajectories=True)
-    generators = [torch.Generator().manual_seed(s) for s in (5, 6)]
-    latents = sdxl_pipe(PROMPTS, num_inference_steps=4, guidance_scale=3.0, generator=generators,
-                        output_type="latent").images
-    assert (out.final_latents - latents).abs().max() < 1e-4
-    assert out.images.shape == (2, 3, 32, 32) and torch.isnan(out.trajectory.log_probs).all()
     cond, t = encode_prompts(sdxl_pipe, PROMPTS), torch.tensor([900, 300])
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

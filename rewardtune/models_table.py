@@ -11,6 +11,7 @@ from rewardtune.modelfiles import ASSETS
 
 PIPELINES: dict[str, str] = {
     "shapes-tiny": str(ASSETS / "shapes-tiny"),
+    "shapes-tiny-flow": str(ASSETS / "shapes-tiny-flow"),
     "sd14": "CompVis/stable-diffusion-v1-4",
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",

@@ -14,8 +14,9 @@ def run(args) -> int:
     from rewardtune.models_table import PIPELINES, reward_names
 
     print("pipelines (--model):")
+    width = max(map(len, PIPELINES))
     for name in sorted(PIPELINES):
-        print(f"  {name:12s} {PIPELINES[name]}")
+        print(f"  {name:{width}s} {PIPELINES[name]}")
     print("rewards (--reward, combine as name:weight,name:weight):")
     print("  " + ", ".join(reward_names()))
     return 0

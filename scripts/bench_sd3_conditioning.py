@@ -32,8 +32,9 @@ def main() -> None:
     prompts = ["a red circle on a white background", "a small blue square in the top left corner"]
     prompts = (prompts * args.batch)[: args.batch]
     cond = encode_prompts(pipe, prompts)
-    full, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                            do_classifier_free_guidance=False)
+    with torch.no_grad():
+        full, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
+                                                do_classifier_free_guidance=False)
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, model.config.in_channels, model.config.sample_size, model.config.sample_size,
                     generator=generator)

@@ -7,7 +7,8 @@ identical through every block: in joint attention ``m`` copies of a key ``k`` (w
 copy whose logit is raised by ``log m``. :func:`encode_sd3` therefore keeps one zero row and a key bias of
 ``log 256`` for it, and :class:`KeyBiasJointAttnProcessor` adds that bias inside attention: the same velocity as the
 plain pipeline's 288-row call (tested to float tolerance), with 33 context rows instead of 288 (7.7-8.2x faster
-per transformer call on ``shapes-tiny-flow``, ``scripts/bench_sd3_conditioning.py``). With a T5 encoder nothing is collapsed.
+per transformer call on ``shapes-tiny-flow``, ``scripts/bench_sd3_conditioning.py``). With a T5 encoder nothing
+is collapsed.
 """
 
 from __future__ import annotations

@@ -142,19 +142,19 @@ def assemble(work: Path, assets: Path = ASSETS) -> None:
 
 
 def report(work: Path) -> None:
-    import shutil
-
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     figures = Path(__file__).resolve().parents[1] / "docs" / "figures"
-    shutil.copy(work / "flow_curve.png", figures / "shapes_flow_curve.png")
+    plot_curves(work / "flow_log.jsonl", ["loss"], figures / "shapes_flow_curve.png",
+                title="tiny SD3 transformer (flow MSE)", smooth=20)
     records = [json.loads(x) for x in (work / "flow_log.jsonl").read_text().splitlines() if x.strip()]
     first, last = records[0], records[-1]
     n = sum(p.numel() for p in build_pipeline().transformer.parameters())
     text = header(command_line()) + (
         "| stage | parameters | steps | loss first -> last | wall time |\n|---|---|---|---|---|\n"
         f"| SD3 transformer | {n / 1e6:.2f}M | {last['step'] + 1} | {first['loss']:.4f} -> {last['loss']:.4f} | "
-        f"{last['seconds'] / 60:.1f} min |\n\nCurve: `docs/figures/shapes_flow_curve.png`.\n")
+        f"{last['seconds'] / 60:.1f} min |\n\nCurve: `docs/figures/shapes_flow_curve.png`. A resumed stage "
+        "(`--resume`) restarts from the saved EMA weights with a fresh AdamW at lr 2e-4 (cosine).\n")
     print(text)
     update_section("shapes-flow-training", text)
 

@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from rewardtune.diffusion.backbones import Conditioning, backbone_of, family_of
-from rewardtune.diffusion.settings import family_step
+from rewardtune.diffusion.settings import family_step, stochastic_steps
 
 
 @dataclass
@@ -151,12 +151,12 @@ def sample_trajectories(
     cond = prompt_embeds.to(dtype)
     negative = None if negative_embeds is None else negative_embeds.to(dtype)
     all_latents, log_probs = [latents], []
+    stochastic = stochastic_steps(sde_window, len(scheduler.timesteps))
     for i, t in enumerate(scheduler.timesteps):
         t_batch = t.expand(batch)
         model_in = scale_model_input(scheduler, latents, t).to(dtype)
         noise_pred = predict_noise(model, model_in, t_batch, cond, negative, guidance)
-        stochastic = sde_window is None or sde_window[0] <= i < sde_window[1]
-        latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta if stochastic else 0.0,
+        latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta if i in stochastic else 0.0,
                                  generator=generators)
         latents = latents.float()
         if keep_latents or i == len(scheduler.timesteps) - 1:

@@ -31,6 +31,12 @@ def family_step(name: str) -> Callable:
     return getattr(importlib.import_module(module), function)
 
 
+def stochastic_steps(sde_window: list[int] | None, steps: int) -> range:
+    """The step indices (0-based, in sampling order) of ``steps`` that run the stochastic step: ``sde_window``'s
+    ``[a, b)``, or all of them without one."""
+    return range(*sde_window) if sde_window else range(steps)
+
+
 @dataclass
 class SamplerSettings:
     """How to sample. ``eta``: 0 is deterministic DDIM, 1 DDPM-like (every step then has a log-probability);
@@ -54,11 +60,6 @@ class SamplerSettings:
     scheduler: str = AUTO_FAMILY
     sde_window: list[int] | None = None
     same_latent: bool = False
-
-    @property
-    def window(self) -> range:
-        """The step indices that run the stochastic step (all of them without ``sde_window``)."""
-        return range(*self.sde_window) if self.sde_window else range(self.steps)
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "a positive number of denoising steps", self.steps)

@@ -25,6 +25,7 @@ import torch
 from rewardtune.diffusion.backbones import Conditioning, denoiser, family_of
 from rewardtune.diffusion.rescore import trajectory_log_probs
 from rewardtune.diffusion.service import generate_batches
+from rewardtune.diffusion.settings import stochastic_steps
 from rewardtune.finetune.config import SamplingConfig
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def reference_log_probs(model, scheduler, rollouts: Rollouts, reference: Referen
     if reference is None:
         return rollouts.log_probs_old
     every = torch.arange(rollouts.num_samples)
-    steps = torch.tensor(list(cfg.window))
+    steps = torch.tensor(list(stochastic_steps(cfg.sde_window, rollouts.num_steps)))
     if isinstance(reference, str):
         if reference != ADAPTERS_DISABLED:
             raise ValueError(f"unknown reference {reference!r}; use None, {ADAPTERS_DISABLED!r} or a UNet")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from rewardtune.diffusion.rescore import pair_log_probs, sync_timesteps, trajectory_log_probs
+from rewardtune.diffusion.settings import stochastic_steps
 from rewardtune.errors import UserError
 
 if TYPE_CHECKING:
@@ -56,7 +57,7 @@ def plan_minibatches(num_groups: int, group_size: int, num_steps: int, cfg: Fine
     """
     total = num_groups * group_size
     per_update = (cfg.groups_per_update or num_groups) * group_size
-    window = range(*cfg.sampling.sde_window) if cfg.sampling.sde_window else range(num_steps)
+    window = stochastic_steps(cfg.sampling.sde_window, num_steps)
     if window.stop > num_steps:
         raise ValueError(f"sde_window {cfg.sampling.sde_window} does not fit the rollouts' {num_steps} steps")
     k = max(1, int(len(window) * cfg.timestep_fraction))

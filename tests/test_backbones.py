@@ -130,3 +130,24 @@ def test_sample_command(kind, tmp_path):
     assert main(["sample", "--model", str(folder), "--prompt", "a red circle", "--num-images", "2", "--steps", "2",
                  "--out", str(tmp_path / "s")]) == 0
     assert len(list((tmp_path / "s").glob("0*.png"))) == 2 and (tmp_path / "s" / "grid.png").is_file()
+
+
+def test_an_unsupported_pipeline_kind_is_one_line_naming_the_supported_ones(tiny_pipeline_dir, tmp_path, capsys):
+    """A pipeline folder of a kind without a backbone entry (here: FLUX) fails before any weight loads, from the
+    command line as one line with exit 2; in the library ``backbone_of`` names the kinds it supports."""
+    import shutil
+
+    from rewardtune.cli import main
+    from rewardtune.diffusion.backbones import backbone_of
+
+    folder = tmp_path / "flux"
+    shutil.copytree(tiny_pipeline_dir, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    assert main(["sample", "--model", str(folder), "--prompt", "a red circle", "--num-images", "1",
+                 "--out", str(tmp_path / "s")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "\n" not in error and "is a FluxPipeline pipeline; rewardtune supports StableDiffusion3Pipeline" in error
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ValueError, match="unsupported pipeline object; rewardtune supports .*StableDiffusion3"):
+        backbone_of(object())

@@ -126,4 +126,16 @@ def flow_family_step(
                                       prev_sample=prev_sample, generator=generator)
 
 
-__all__ = ["flow_sde_step_with_logprob", "flow_family_step"]
+def flow_predicted_x0(scheduler, model_output: torch.Tensor, timestep: float | torch.Tensor,
+                      sample: torch.Tensor) -> torch.Tensor:
+    """The flow family's prediction of the clean latent at ``x_t``: ``x0 = x_t - sigma_t v`` (rectified flow's
+    ``x_t = (1 - sigma) x0 + sigma noise`` with velocity ``v = noise - x0``). ``model_output`` (the velocity) and
+    ``sample [B,C,h,w]``, ``timestep`` a scalar or ``[B]`` of ``scheduler.timesteps`` -> ``[B,C,h,w]`` in at least
+    float32."""
+    index = _step_indices(scheduler, timestep, sample.shape[0]).to(sample.device)
+    dtype = torch.promote_types(torch.promote_types(sample.dtype, model_output.dtype), torch.float32)
+    sigma = scheduler.sigmas.to(device=sample.device, dtype=dtype)[index]
+    return sample.to(dtype) - sigma.reshape((-1,) + (1,) * (sample.ndim - 1)) * model_output.to(dtype)
+
+
+__all__ = ["flow_sde_step_with_logprob", "flow_family_step", "flow_predicted_x0"]

@@ -23,6 +23,52 @@ def _gather(values: torch.Tensor, index: torch.Tensor, ndim: int) -> torch.Tenso
     return out.reshape(out.shape + (1,) * (ndim - out.ndim))
 
 
+def _x0_and_eps(scheduler, eps_or_x0: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor,
+                beta_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The predicted clean sample ``x0`` (clipped where the scheduler clips) and noise ``eps`` from the model output
+    (epsilon, sample or v, per ``scheduler.config.prediction_type``); ``alpha_t, beta_t = abar_t, 1 - abar_t``."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        x0 = (x_t - beta_t.sqrt() * eps_or_x0) / alpha_t.sqrt()
+        eps = eps_or_x0
+    elif kind == "sample":
+        x0 = eps_or_x0
+        eps = (x_t - alpha_t.sqrt() * x0) / beta_t.sqrt()
+    elif kind == "v_prediction":
+        x0 = alpha_t.sqrt() * x_t - beta_t.sqrt() * eps_or_x0
+        eps = alpha_t.sqrt() * eps_or_x0 + beta_t.sqrt() * x_t
+    else:
+        raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon, sample or v_prediction")
+    if scheduler.config.clip_sample:  # eps is kept, as DDIMScheduler.step (use_clipped_model_output=False)
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)
+    return x0, eps
+
+
+def _timesteps(timestep: int | torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """``timestep`` (an int or ``[B]``) as a long tensor ``[B]`` on ``sample``'s device."""
+    batch = sample.shape[0]
+    t = torch.as_tensor(timestep, device=sample.device).long()
+    t = t.expand(batch) if t.ndim == 0 else t
+    if t.shape != (batch,):
+        raise ValueError(f"timestep must be a scalar or of shape [{batch}], got {tuple(t.shape)}")
+    return t
+
+
+def ddim_predicted_x0(scheduler, model_output: torch.Tensor, timestep: int | torch.Tensor,
+                      sample: torch.Tensor) -> torch.Tensor:
+    """The DDIM family's prediction of the clean latent at ``x_t``: for epsilon prediction
+    ``x0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)`` (Song et al. 2021, Eq. 12's "predicted x_0"; sample and
+    v prediction likewise), clipped where the scheduler clips, exactly the ``x0`` that
+    :func:`ddim_step_with_logprob` steps towards. ``model_output, sample [B,C,h,w]``, ``timestep`` an int or ``[B]``
+    -> ``[B,C,h,w]`` in at least float32."""
+    t = _timesteps(timestep, sample)
+    dtype = torch.promote_types(sample.dtype, torch.float32)
+    x_t = sample.to(dtype)
+    alpha_t = _gather(scheduler.alphas_cumprod.to(dtype), t, x_t.ndim)
+    return _x0_and_eps(scheduler, model_output.to(dtype), x_t, alpha_t, 1 - alpha_t)[0]
+
+
 def ddim_step_with_logprob(
     scheduler,
     model_output: torch.Tensor,
@@ -52,10 +98,7 @@ def ddim_step_with_logprob(
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
     batch = sample.shape[0]
-    t = torch.as_tensor(timestep, device=sample.device).long()
-    t = t.expand(batch) if t.ndim == 0 else t
-    if t.shape != (batch,):
-        raise ValueError(f"timestep must be a scalar or of shape [{batch}], got {tuple(t.shape)}")
+    t = _timesteps(timestep, sample)
     prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
 
     dtype = torch.promote_types(sample.dtype, torch.float32)  # at least float32, float64 stays float64
@@ -67,22 +110,7 @@ def ddim_step_with_logprob(
     alpha_prev = torch.where(has_prev, _gather(alphas, prev_t, x_t.ndim), final)
     beta_t = 1 - alpha_t
 
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        x0 = (x_t - beta_t.sqrt() * eps_or_x0) / alpha_t.sqrt()
-        eps = eps_or_x0
-    elif kind == "sample":
-        x0 = eps_or_x0
-        eps = (x_t - alpha_t.sqrt() * x0) / beta_t.sqrt()
-    elif kind == "v_prediction":
-        x0 = alpha_t.sqrt() * x_t - beta_t.sqrt() * eps_or_x0
-        eps = alpha_t.sqrt() * eps_or_x0 + beta_t.sqrt() * x_t
-    else:
-        raise ValueError(f"unsupported prediction_type {kind!r}; expected epsilon, sample or v_prediction")
-    if scheduler.config.clip_sample:  # eps is kept, as DDIMScheduler.step (use_clipped_model_output=False)
-        limit = scheduler.config.clip_sample_range
-        x0 = x0.clamp(-limit, limit)
-
+    x0, eps = _x0_and_eps(scheduler, eps_or_x0, x_t, alpha_t, beta_t)
     variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
     std = eta * variance.clamp_min(0).sqrt()
     mean = alpha_prev.sqrt() * x0 + (1 - alpha_prev - std**2).clamp_min(0).sqrt() * eps

@@ -14,7 +14,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 
 from rewardtune.diffusion.backbones import Conditioning, backbone_of, family_of
-from rewardtune.diffusion.settings import family_step, stochastic_steps
+from rewardtune.diffusion.settings import family_step, family_x0, stochastic_steps
 
 
 @dataclass
@@ -25,11 +25,18 @@ class Trajectory:
     ``keep_latents``).
     log_probs: ``[B,T]``, ``log p(x_{t-1} | x_t, c)`` under the sampling model (NaN when ``eta == 0``).
     timesteps: ``[T]``, the scheduler timesteps in sampling order.
+    x0_predictions: ``[B,T,C,h,w]`` or None: at each step the guided model's predicted clean latent (the scheduler
+    family's ``x0``: DDIM ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``, flow ``x_t - sigma_t v``), kept when
+    sampled with ``keep_x0=True``.
+    start_step: the scheduler step index of ``latents[:, 0]``: 0 for a full trajectory; ``i`` for a continuation
+    from step ``i`` (then T above is ``steps - i`` and ``timesteps`` are the scheduler's ``timesteps[i:]``).
     """
 
     latents: torch.Tensor
     log_probs: torch.Tensor
     timesteps: torch.Tensor
+    x0_predictions: torch.Tensor | None = None
+    start_step: int = 0
 
     @property
     def final(self) -> torch.Tensor:
@@ -53,6 +60,18 @@ def encode_negative(pipe, prompt: str = "", height: int | None = None, width: in
 def generators_for(seeds: list[int], device: str | torch.device = "cpu") -> list[torch.Generator]:
     """One seeded generator per sample."""
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def skip_draws(generators: list[torch.Generator], shape: tuple[int, ...], draws: int) -> list[torch.Generator]:
+    """Advance each generator by ``draws`` draws of one sample's noise (``shape`` is the batch's ``(B, C, h, w)``)
+    and return them: generators of a full run's seeds advanced by ``1 + i`` draws (``x_T`` and steps ``0..i-1``) make
+    a continuation from its stored ``x`` at step ``i`` (:func:`sample_trajectories` with ``start_step=i``) reproduce
+    that run's steps ``i..T-1`` exactly."""
+    one = (1, *shape[1:])
+    for generator in generators:
+        for _ in range(draws):
+            torch.randn(one, generator=generator, device=generator.device)
+    return generators
 
 
 def check_image_size(pipe, height: int | None, width: int | None) -> None:
@@ -101,6 +120,22 @@ def scale_model_input(scheduler, latents: torch.Tensor, t: torch.Tensor) -> torc
     return latents if scale is None else scale(latents, t)
 
 
+def _initial_latents(scheduler, shape, device, generators, initial_generators, start_latents) -> torch.Tensor:
+    """``x_T`` drawn by ``generators`` (then replaced by one drawn by ``initial_generators`` if given), times the
+    scheduler's ``init_noise_sigma``; or ``start_latents`` as given (no draw)."""
+    if start_latents is not None:
+        if initial_generators is not None:
+            raise ValueError("initial_generators draw x_T; a continuation from start_latents draws none")
+        if tuple(start_latents.shape) != tuple(shape):
+            raise ValueError(f"start_latents must have the latent shape {tuple(shape)}, got "
+                             f"{tuple(start_latents.shape)}")
+        return start_latents.to(device=device, dtype=torch.float32)
+    latents = randn_tensor(shape, generator=generators, device=device, dtype=torch.float32)
+    if initial_generators is not None:
+        latents = randn_tensor(shape, generator=initial_generators, device=device, dtype=torch.float32)
+    return latents * getattr(scheduler, "init_noise_sigma", 1.0)  # DDIM's (1); flow schedulers start at 1
+
+
 @torch.no_grad()
 def sample_trajectories(
     pipe,
@@ -117,6 +152,9 @@ def sample_trajectories(
     keep_latents: bool = True,
     sde_window: list[int] | None = None,
     initial_generators: list[torch.Generator] | None = None,
+    keep_x0: bool = False,
+    start_step: int = 0,
+    start_latents: torch.Tensor | None = None,
 ) -> Trajectory:
     """Sample B trajectories with the scheduler family's step (DDIM with ``eta``; the flow SDE with noise level
     ``eta``) and classifier-free guidance.
@@ -133,29 +171,46 @@ def sample_trajectories(
             elsewhere; None: ``eta`` on every step.
         initial_generators: draw ``x_T`` from these instead (one per sample; ``generators`` still draw, and
             discard, their own ``x_T`` first, so each sample's step noise is the same either way).
+        keep_x0: also keep each step's predicted clean latent (``Trajectory.x0_predictions [B,T,C,h,w]``, the
+            family's ``x0`` of the guided model output).
+        start_step, start_latents: continue from latents ``[B,C,h,w]`` at scheduler step index ``start_step``
+            (branching, e.g. Monte Carlo step values): only steps ``start_step..steps-1`` run and the returned
+            trajectory starts at ``start_latents`` (``Trajectory.start_step``); ``sde_window`` keeps its absolute
+            step indices. Without ``start_latents``, ``start_step`` must be 0.
+
+    Random draws (what makes runs and continuations reproducible): each sample's generator draws, in this order,
+    one ``[1,C,h,w]`` standard normal for ``x_T`` (not with ``start_latents``), then one ``[1,C,h,w]`` standard normal
+    per step run, deterministic steps included (their noise is multiplied by 0). So a continuation from step ``i``
+    draws exactly ``steps - i`` times; it reproduces a full run's steps ``i..T-1`` when given that run's generators
+    advanced by ``1 + i`` draws (:func:`skip_draws`).
     """
     backbone = backbone_of(pipe)
-    step = family_step(family_of(pipe, family))
+    family = family_of(pipe, family)
+    step, predict_x0 = family_step(family), (family_x0(family) if keep_x0 else None)
     batch = len(prompt_embeds)
     if len(generators) != batch:
         raise ValueError(f"need one generator per sample: got {len(generators)} for a batch of {batch}")
     scheduler = pipe.scheduler
     scheduler.set_timesteps(steps, device=prompt_embeds.device)
+    if not 0 <= start_step < len(scheduler.timesteps) or (start_step and start_latents is None):
+        raise ValueError(f"start_step must be in [0, {len(scheduler.timesteps)}) and needs start_latents when > 0, "
+                         f"got {start_step}")
     model = backbone.denoiser(pipe)
     dtype = model.dtype
     shape = backbone.latent_shape(pipe, batch, height, width)
-    latents = randn_tensor(shape, generator=generators, device=prompt_embeds.device, dtype=torch.float32)
-    if initial_generators is not None:
-        latents = randn_tensor(shape, generator=initial_generators, device=prompt_embeds.device, dtype=torch.float32)
-    latents = latents * getattr(scheduler, "init_noise_sigma", 1.0)  # DDIM's (1); flow schedulers start at 1
+    latents = _initial_latents(scheduler, shape, prompt_embeds.device, generators, initial_generators,
+                               start_latents)
     cond = prompt_embeds.to(dtype)
     negative = None if negative_embeds is None else negative_embeds.to(dtype)
-    all_latents, log_probs = [latents], []
+    all_latents, log_probs, x0s = [latents], [], []
     stochastic = stochastic_steps(sde_window, len(scheduler.timesteps))
-    for i, t in enumerate(scheduler.timesteps):
+    timesteps = scheduler.timesteps[start_step:]
+    for i, t in enumerate(timesteps, start=start_step):
         t_batch = t.expand(batch)
         model_in = scale_model_input(scheduler, latents, t).to(dtype)
         noise_pred = predict_noise(model, model_in, t_batch, cond, negative, guidance)
+        if predict_x0 is not None:
+            x0s.append(predict_x0(scheduler, noise_pred, t_batch, latents).float())
         latents, log_prob = step(scheduler, noise_pred, t_batch, latents, eta=eta if i in stochastic else 0.0,
                                  generator=generators)
         latents = latents.float()
@@ -165,7 +220,8 @@ def sample_trajectories(
         if progress is not None:
             progress()
     return Trajectory(latents=torch.stack(all_latents, 1), log_probs=torch.stack(log_probs, 1),
-                      timesteps=scheduler.timesteps.clone())
+                      timesteps=timesteps.clone(), x0_predictions=torch.stack(x0s, 1) if x0s else None,
+                      start_step=start_step)
 
 
 def decode_latents(pipe, latents: torch.Tensor) -> torch.Tensor:

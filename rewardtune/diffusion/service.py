@@ -51,10 +51,12 @@ class Generated:
 
 
 def generate_batches(pipe, prompts: list[str], seeds: list[int], settings: SamplerSettings, per_prompt: int = 1,
-                     keep_trajectories: bool = False, decode: bool = True) -> Iterator[Generated]:
+                     keep_trajectories: bool = False, decode: bool = True,
+                     keep_x0: bool = False) -> Iterator[Generated]:
     """Samples ``i = 0 .. len(seeds)-1`` of ``prompts[i // per_prompt]`` from ``seeds[i]``, batch by batch.
 
     ``keep_trajectories`` keeps every step's latents and log-probs (rollouts); otherwise only ``x_0`` is kept.
+    ``keep_x0`` also keeps each step's predicted clean latent (``trajectory.x0_predictions [b,T,C,h,w]``).
     """
     if len(seeds) != len(prompts) * per_prompt:
         raise ValueError(f"need one seed per sample: {len(prompts)} prompts x {per_prompt} = "
@@ -73,7 +75,8 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], settings: Sampl
             generators_for(seeds[start:start + settings.batch_size], device), steps=settings.steps,
             guidance=settings.guidance, eta=settings.eta, height=settings.height, width=settings.width,
             family=settings.scheduler, keep_latents=keep_trajectories, sde_window=settings.sde_window,
-            initial_generators=generators_for(group_seeds, device) if settings.same_latent else None)
+            initial_generators=generators_for(group_seeds, device) if settings.same_latent else None,
+            keep_x0=keep_x0)
         images = None
         if decode:
             with torch.no_grad():
@@ -83,17 +86,20 @@ def generate_batches(pipe, prompts: list[str], seeds: list[int], settings: Sampl
 
 def generate(pipe, prompts: list[str], seeds: list[int], settings: SamplerSettings, per_prompt: int = 1,
              keep_trajectories: bool = False, decode: bool = True,
-             progress: Callable[[int], object] | None = None) -> Generated:
+             progress: Callable[[int], object] | None = None, keep_x0: bool = False) -> Generated:
     """:func:`generate_batches` joined into one :class:`Generated` (``progress(n)`` after each batch)."""
     parts = []
-    for part in generate_batches(pipe, prompts, seeds, settings, per_prompt, keep_trajectories, decode):
+    for part in generate_batches(pipe, prompts, seeds, settings, per_prompt, keep_trajectories, decode,
+                                 keep_x0=keep_x0):
         parts.append(part)
         if progress is not None:
             progress(len(part.index))
     first = parts[0]
+    x0 = torch.cat([p.trajectory.x0_predictions for p in parts]) if keep_x0 else None
     trajectory = Trajectory(latents=torch.cat([p.trajectory.latents for p in parts]),
                             log_probs=torch.cat([p.trajectory.log_probs for p in parts]),
-                            timesteps=first.trajectory.timesteps)
+                            timesteps=first.trajectory.timesteps,
+                            x0_predictions=x0)
     images = torch.cat([p.images for p in parts]) if decode else None
     return Generated(images, torch.cat([p.index for p in parts]), torch.cat([p.group for p in parts]),
                      first.prompt_embeds, first.negative_embeds, trajectory)

@@ -1,10 +1,12 @@
 """What a sampler needs to know, without importing torch: :class:`SamplerSettings` (the ``sampling`` part of every
 config that samples) and the registry of scheduler families.
 
-A scheduler family is a ``"module:function"`` string naming its step with a log-probability,
-``step(scheduler, model_output, t, sample, eta, prev_sample=None, generator=None) -> (prev_sample, log_prob [B])``,
-used both to sample (:func:`rewardtune.diffusion.sampling.sample_trajectories`) and to re-score stored transitions
-(:mod:`rewardtune.diffusion.rescore`). Adding a family (e.g. flow matching's SDE step) is one registry line.
+A scheduler family is a :class:`SchedulerFamily` entry of ``"module:function"`` strings: its step with a
+log-probability, ``step(scheduler, model_output, t, sample, eta, prev_sample=None, generator=None) -> (prev_sample,
+log_prob [B])``, used both to sample (:func:`rewardtune.diffusion.sampling.sample_trajectories`) and to re-score
+stored transitions (:mod:`rewardtune.diffusion.rescore`); and its prediction of the clean latent,
+``x0(scheduler, model_output, t, sample) -> x0 [B,C,h,w]`` (the sampler's ``keep_x0``). Adding a family (e.g. flow
+matching's SDE step) is one registry line.
 """
 
 from __future__ import annotations
@@ -18,17 +20,40 @@ from dataclasses import dataclass
 from rewardtune.config import require
 from rewardtune.registry import Registry
 
-SCHEDULER_FAMILIES: Registry[str] = Registry("scheduler family")
-SCHEDULER_FAMILIES.register("ddim", "rewardtune.diffusion.logprob:ddim_step_with_logprob")
-SCHEDULER_FAMILIES.register("flow", "rewardtune.diffusion.flow:flow_family_step")
+
+@dataclass(frozen=True)
+class SchedulerFamily:
+    """A scheduler family's functions, as ``"module:function"`` strings imported on first use: ``step`` (one
+    denoising step with its log-probability) and ``x0`` (the clean latent predicted from the model output)."""
+
+    step: str
+    x0: str
+
+
+SCHEDULER_FAMILIES: Registry[SchedulerFamily] = Registry("scheduler family")
+SCHEDULER_FAMILIES.register("ddim", SchedulerFamily(step="rewardtune.diffusion.logprob:ddim_step_with_logprob",
+                                                    x0="rewardtune.diffusion.logprob:ddim_predicted_x0"))
+SCHEDULER_FAMILIES.register("flow", SchedulerFamily(step="rewardtune.diffusion.flow:flow_family_step",
+                                                    x0="rewardtune.diffusion.flow:flow_predicted_x0"))
 AUTO_FAMILY = "auto"  # the pipeline's own family (rewardtune.diffusion.backbones)
+
+
+def _resolve(spec: str) -> Callable:
+    module, _, function = spec.partition(":")
+    return getattr(importlib.import_module(module), function)
 
 
 @functools.cache
 def family_step(name: str) -> Callable:
     """The step-with-log-probability function of scheduler family ``name`` (imported on first use)."""
-    module, _, function = SCHEDULER_FAMILIES.get(name).partition(":")
-    return getattr(importlib.import_module(module), function)
+    return _resolve(SCHEDULER_FAMILIES.get(name).step)
+
+
+@functools.cache
+def family_x0(name: str) -> Callable:
+    """The clean-latent prediction ``x0(scheduler, model_output, t, sample) -> [B,C,h,w]`` of scheduler family
+    ``name`` (DDIM: ``(x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``; flow: ``x_t - sigma_t v``)."""
+    return _resolve(SCHEDULER_FAMILIES.get(name).x0)
 
 
 def stochastic_steps(sde_window: list[int] | None, steps: int) -> range:

@@ -96,12 +96,14 @@ class Conditioning:
 class Backbone:
     """A pipeline kind. ``attribute``: the denoiser's attribute on the pipeline; ``family``: its scheduler family
     (:data:`rewardtune.diffusion.settings.SCHEDULER_FAMILIES`); ``lora_targets``: the module names LoRA adapts;
-    ``text_encoders``: the pipeline attributes that hold text encoders (frozen in finetuning)."""
+    ``text_encoders``: the pipeline attributes that hold text encoders (frozen in finetuning); ``blocks``: the
+    denoiser's attributes holding its blocks, the units FSDP shards (:mod:`rewardtune.utils.fsdp`)."""
 
     attribute = "unet"
     family = "ddim"
     lora_targets = ["to_k", "to_q", "to_v", "to_out.0"]
     text_encoders = ("text_encoder",)
+    blocks = ("down_blocks", "mid_block", "up_blocks")
     load_kwargs: dict = {}
 
     def denoiser(self, pipe) -> torch.nn.Module:
@@ -109,6 +111,17 @@ class Backbone:
 
     def set_denoiser(self, pipe, model: torch.nn.Module) -> None:
         setattr(pipe, self.attribute, model)
+
+    def shard_units(self, model: torch.nn.Module) -> list[torch.nn.Module]:
+        """The denoiser's blocks, each a unit of FSDP sharding (a module list contributes its members)."""
+        units = []
+        for name in self.blocks:
+            part = getattr(model, name, None)
+            if isinstance(part, torch.nn.ModuleList):
+                units.extend(part)
+            elif part is not None:
+                units.append(part)
+        return units
 
     def frozen_parts(self, pipe) -> list[torch.nn.Module]:
         """The VAE and text encoders (present ones)."""
@@ -221,6 +234,7 @@ class SD3Backbone(Backbone):
     the T5 encoder may be absent (its padding is collapsed exactly, :mod:`rewardtune.diffusion.sd3`)."""
 
     attribute = "transformer"
+    blocks = ("transformer_blocks",)
     family = "flow"
     lora_targets = ["to_k", "to_q", "to_v", "to_out.0", "add_k_proj", "add_q_proj", "add_v_proj", "to_add_out"]
     text_encoders = ("text_encoder", "text_encoder_2", "text_encoder_3")

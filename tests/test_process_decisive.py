@@ -1,0 +1,121 @@
+"""The decisive step: binary search (OmegaPRM) on constructed trajectories, its cost, and the exhaustive reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rewardtune.diffusion.settings import SamplerSettings
+from rewardtune.process.decisive import (
+    Outcome,
+    bisect_decided,
+    decided_from_scores,
+    decisive_steps,
+    first_decided,
+    last_undecided,
+    search_rounds,
+)
+from rewardtune.process.values import Prover
+
+
+def _table(first: list[int], steps: int) -> torch.Tensor:
+    """Monotone decided tables ``[N,T+1]``: row n undecided before ``first[n]``, decided from it on."""
+    return torch.arange(steps + 1)[None, :] >= torch.tensor(first)[:, None]
+
+
+class Counting:
+    """A decided() oracle over a table that records every branch point asked."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table, self.asked = table, []
+
+    def __call__(self, rows: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        self.asked += list(zip(rows.tolist(), j.tolist()))
+        return self.table[rows, j]
+
+
+@pytest.mark.parametrize("steps", [1, 4, 10, 20])
+def test_bisection_finds_the_first_decided_index_in_log_steps(steps):
+    first = list(range(steps + 1))  # every possible answer, 0 (the noise decides) .. T (only the outcome)
+    oracle = Counting(_table(first, steps))
+    index, points = bisect_decided(oracle, len(first), steps)
+    assert index.tolist() == first
+    assert points.max() <= search_rounds(steps) and len(oracle.asked) == int(points.sum())
+    assert all(j < steps for _, j in oracle.asked)  # the outcome itself is never queried
+    assert torch.equal(last_undecided(_table(first, steps)), index)
+    assert torch.equal(first_decided(_table(first, steps)), index)
+
+
+def test_search_rounds_by_hand():
+    assert [search_rounds(t) for t in (1, 4, 10, 20, 50)] == [1, 3, 4, 5, 6]
+
+
+def test_bisection_query_count_by_hand():
+    # T = 10, j* = 7, [lo, hi] = [0, 10]: mid 5 undecided -> [6, 10]; mid 8 decided -> [6, 8]; mid 7 decided ->
+    # [6, 7]; mid 6 undecided -> [7, 7]
+    oracle = Counting(_table([7], 10))
+    index, points = bisect_decided(oracle, 1, 10)
+    assert index.tolist() == [7] and points.tolist() == [4]
+    assert [j for _, j in oracle.asked] == [5, 8, 7, 6]
+
+
+def test_non_monotone_rows_show_where_search_and_sweep_differ():
+    # decided at 1, undecided at 2..3, decided from 4 on: the sweep says 4; the search, probing 2 first, also 4;
+    # decided at 0..2, undecided at 3, decided from 4: the sweep says 4, the search (probe 2: decided) says 0
+    table = torch.tensor([[False, True, False, False, True, True],
+                          [True, True, True, False, True, True]])
+    index, _ = bisect_decided(Counting(table), 2, 5)
+    assert last_undecided(table).tolist() == [4, 4]
+    assert index.tolist() == [4, 0]
+    assert first_decided(table).tolist() == [1, 0]
+
+
+def test_decided_from_scores_needs_every_continuation_to_agree():
+    scores = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]])
+    outcome = torch.tensor([1.0, 1.0, 1.0])
+    assert decided_from_scores(scores, outcome).tolist() == [True, False, False]
+    assert decided_from_scores(scores, outcome, tolerance=0.34).tolist() == [True, True, False]
+
+
+def test_decisive_steps_on_constructed_trajectories():
+    """A deterministic toy prover keeps the sign of the latent (eps = 0, eta = 0), so "brighter than grey" is lost
+    for good at the first branch index whose latent is negative."""
+    from test_process_values import STEPS, ToyPipe  # the toy pipeline with known continuations
+
+    signs = torch.tensor([[1, 1, -1, -1, -1],     # lost at branch index 2: the decisive step is step 1
+                          [-1, -1, -1, -1, -1],   # lost from the noise: index 0
+                          [1, 1, 1, 1, -1],       # lost by the last step: index 4
+                          [1, -1, 1, 1, 1]])      # won; undecided only at 1: decided from 2
+    latents = (0.5 * signs.float()).view(4, STEPS + 1, 1, 1, 1)
+    brighter = Outcome(read=lambda images, prompts: (images[:, 0, 0, 0] > 0.5).float(),
+                       reference=lambda final, prompts: torch.zeros(len(prompts)),
+                       judge=lambda readings, reference: readings)
+    prover = Prover(ToyPipe(), SamplerSettings(steps=STEPS, guidance=1.0, eta=0.0))
+    found = decisive_steps(prover, latents, ["p"] * 4, brighter, k=2)
+    assert found.index.tolist() == [2, 0, 4, 2]
+    assert found.outcome.tolist() == [0.0, 0.0, 0.0, 1.0]
+    assert found.queries == 4 + 2 * int(found.branch_points.sum())  # the outcomes, then K per branch point
+    assert int(found.branch_points.max()) <= search_rounds(STEPS)
+
+
+def test_oracle_codes_read_rendered_scenes():
+    from rewardtune.process.shapes import oracle_outcome, prompted_codes, read_attribute_codes, vocabulary
+    from rewardtune.shapes.oracle import images_from_uint8
+    from rewardtune.shapes.world import Scene, render
+
+    scenes = [Scene("red", "circle", "large", "middle center", "white"),
+              Scene("blue", "square", "medium", "top left", "black")]
+    codes = read_attribute_codes(images_from_uint8(render(scenes)))
+    vocab = vocabulary()
+    assert [vocab["color"][c] for c in codes[:, 0]] == ["red", "blue"]
+    assert [vocab["background"][c] for c in codes[:, 4]] == ["white", "black"]
+    asked = prompted_codes(["a red circle", "a big blue square on a black background"])
+    assert asked[0, 0] == vocab["color"].index("red") and asked[0, 4] == -2
+    colour = oracle_outcome("color")
+    readings = codes[:, None]  # [N,K=1,5]
+    assert colour.judge(readings, colour.reference(codes, ["a red circle", "a green square"])).flatten().tolist() \
+        == [1.0, 0.0]
+    same = oracle_outcome("shape", target="final")
+    assert same.judge(readings, same.reference(codes, ["x", "y"])).flatten().tolist() == [1.0, 1.0]
+    with pytest.raises(Exception, match="choose one of: color, shape"):
+        oracle_outcome("mood")

@@ -189,6 +189,12 @@ def _expert_progress(rng: np.random.Generator, frames_per_phase: tuple[int, int]
     return np.concatenate(parts + [np.ones(int(rng.integers(2, 7)))])
 
 
+def finish_frame(canvas: Canvas, style: dict, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """Lighting and pixel noise on a drawn canvas -> uint8 ``[H,W,3]``."""
+    image = canvas.img * style["light"] + rng.normal(0, noise, canvas.img.shape)
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
+
+
 def procedural_rollout(task: str, seed: int, kind: str = "expert", size: int = 64,
                        frames_per_phase: tuple[int, int] = (10, 23), noise: float = 0.02) -> Rollout:
     """One seeded demo of ``task`` (``door``/``pour``) of ``kind`` (``expert``/``failed``/``random``)."""
@@ -211,8 +217,7 @@ def procedural_rollout(task: str, seed: int, kind: str = "expert", size: int = 6
     for p, hand in zip(progress, hands):
         canvas = Canvas(style["background"])
         DRAW[task](canvas, float(p), style, hand)
-        image = canvas.img * style["light"] + rng.normal(0, noise, canvas.img.shape)
-        frames.append(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
+        frames.append(finish_frame(canvas, style, rng, noise))
     phase = np.minimum((progress * PHASES).astype(int), PHASES - 1)
     if kind == "random":
         phase = np.full(len(progress), -1)

@@ -35,7 +35,7 @@ import torch
 from rewardtune.diffusion.loading import load_pipeline
 from rewardtune.diffusion.service import generate
 from rewardtune.diffusion.settings import SamplerSettings
-from rewardtune.process.decisive import bisect_decided, decided_from_scores, decisive_steps, last_undecided
+from rewardtune.process.decisive import decisive_from_sweep, decisive_steps
 from rewardtune.process.shapes import ATTRIBUTES, oracle_outcome, read_attribute_codes
 from rewardtune.process.values import Prover, trajectory_values
 from rewardtune.utils.benchmarks import command_line, header, update_section
@@ -76,16 +76,9 @@ def run_seed(pipe, settings: SamplerSettings, n: int, k: int, seed: int, live: b
 
 def analyse(record: dict, attribute: str, target: str) -> dict:
     """Exhaustive j*, the search's j* on the same estimates and its branch points, outcomes, value curve."""
-    outcome = oracle_outcome(attribute, target)
-    readings = record["readings"]  # [B,T+1,K,5]
-    b, points, k = readings.shape[:3]
-    reference = outcome.reference(readings[:, -1, 0], record["prompts"])
-    judged = outcome.judge(readings.flatten(0, 1), reference.repeat_interleave(points)).reshape(b, points, k)
-    won = judged[:, -1, 0]
-    decided = decided_from_scores(judged.flatten(0, 1), won.repeat_interleave(points)).reshape(b, points)
-    index, queried = bisect_decided(lambda rows, j: decided[rows, j], b, points - 1)
-    return {"sweep": last_undecided(decided), "search": index, "points": queried, "won": won,
-            "value": judged.mean(2), "k": k}
+    found = decisive_from_sweep(record["readings"], record["prompts"], oracle_outcome(attribute, target))
+    return {"sweep": found.sweep, "search": found.search, "points": found.branch_points, "won": found.outcome,
+            "value": found.value}
 
 
 def summarise(records: list[dict]) -> tuple[str, dict]:

@@ -120,5 +120,33 @@ def decisive_steps(prover: Prover, latents: torch.Tensor, prompts: list[str], ou
     return Decisive(index, points, won, queries)
 
 
-__all__ = ["Decisive", "DecidedFn", "Outcome", "bisect_decided", "decided_from_scores", "decisive_steps",
-           "first_decided", "last_undecided", "search_rounds"]
+@dataclass
+class SweepDecisive:
+    """Decisive branch indices from an exhaustive sweep: ``sweep [B]`` (:func:`last_undecided`), ``search [B]`` and
+    ``branch_points [B]`` (the binary search on the same estimates), ``outcome [B]``, and the Monte Carlo value of
+    the outcome ``value [B,T+1]``."""
+
+    sweep: torch.Tensor
+    search: torch.Tensor
+    branch_points: torch.Tensor
+    outcome: torch.Tensor
+    value: torch.Tensor
+
+
+def decisive_from_sweep(readings: torch.Tensor, prompts: list[str], outcome: Outcome,
+                        tolerance: float = 0.0) -> SweepDecisive:
+    """Decisive steps of B trajectories from an exhaustive sweep's readings ``[B,T+1,K,...]`` (e.g.
+    :func:`~rewardtune.process.values.trajectory_values` ``(...).scores`` with an outcome's ``read``; the last
+    branch index holds the final image's reading). Costs no query: both the sweep's and the binary search's
+    answers come from the same estimates, so they differ only where decidedness is not monotone."""
+    b, points, k = readings.shape[:3]
+    reference = outcome.reference(readings[:, -1, 0], prompts)
+    judged = outcome.judge(readings.flatten(0, 1), reference.repeat_interleave(points)).reshape(b, points, k)
+    won = judged[:, -1, 0]
+    decided = decided_from_scores(judged.flatten(0, 1), won.repeat_interleave(points), tolerance).reshape(b, points)
+    search, queried = bisect_decided(lambda rows, j: decided[rows, j], b, points - 1)
+    return SweepDecisive(last_undecided(decided), search, queried, won, judged.float().mean(2))
+
+
+__all__ = ["Decisive", "DecidedFn", "Outcome", "SweepDecisive", "bisect_decided", "decided_from_scores",
+           "decisive_from_sweep", "decisive_steps", "first_decided", "last_undecided", "search_rounds"]

@@ -119,3 +119,21 @@ def test_oracle_codes_read_rendered_scenes():
     assert same.judge(readings, same.reference(codes, ["x", "y"])).flatten().tolist() == [1.0, 1.0]
     with pytest.raises(Exception, match="choose one of: color, shape"):
         oracle_outcome("mood")
+
+
+def test_decisive_from_sweep_reads_both_answers_off_one_table():
+    from rewardtune.process.decisive import decisive_from_sweep
+    from rewardtune.process.shapes import oracle_outcome
+
+    # 2 trajectories, T = 3, K = 2, colour codes only matter: row 0 settles on colour 4 from j = 2,
+    # row 1 has colour 1 at every continuation (decided by the noise)
+    colour = torch.tensor([[[0, 4], [4, 2], [4, 4], [4, 4]],
+                           [[1, 1], [1, 1], [1, 1], [1, 1]]])
+    readings = torch.zeros(2, 4, 2, 5, dtype=torch.long)
+    readings[..., 0] = colour
+    found = decisive_from_sweep(readings, ["a blue circle", "a red circle"], oracle_outcome("color", "final"))
+    assert found.sweep.tolist() == [2, 0] and found.search.tolist() == [2, 0]
+    assert found.outcome.tolist() == [1.0, 1.0] and found.branch_points.tolist() == [2, 2]
+    assert torch.allclose(found.value[0], torch.tensor([0.5, 0.5, 1.0, 1.0]))
+    prompted = decisive_from_sweep(readings, ["a blue circle", "a red circle"], oracle_outcome("color", "prompt"))
+    assert prompted.outcome.tolist() == [1.0, 0.0]  # blue is code 4, red code 0

@@ -97,7 +97,8 @@ class Prover:
     def conditioning(self, prompts: list[str]) -> tuple[Conditioning, torch.Tensor, Conditioning | None]:
         """``(unique prompts' conditioning, row -> unique index [N], negative one-row conditioning or None)``."""
         unique = sorted(set(prompts))
-        index = torch.tensor([unique.index(p) for p in prompts])
+        position = {p: i for i, p in enumerate(unique)}
+        index = torch.tensor([position[p] for p in prompts])
         s = self.settings
         cond = encode_prompts(self.pipe, unique, s.height, s.width)
         negative = encode_negative(self.pipe, s.negative_prompt, s.height, s.width) if s.guidance != 1.0 else None

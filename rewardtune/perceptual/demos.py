@@ -32,6 +32,8 @@ TASKS = ("door", "pour")
 PHASES = 3
 TRUE_STEPS = {"door": {2: [[0, 1], [2]], 3: [[0], [1], [2]]},      # 2 steps: grasp the handle | open the door
               "pour": {2: [[0], [1, 2]], 3: [[0], [1], [2]]}}      # 2 steps: bring the bottle | pour and leave
+# An arguable alternative: pour's 2 steps as "bring and pour | take the bottle away" (reported beside the truth)
+ALT_STEPS = {"pour": {2: [[0, 1], [2]]}}
 
 
 @dataclass
@@ -41,9 +43,11 @@ class Rollout:
     progress: np.ndarray
     kind: str = "expert"
 
-    def steps(self, task: str, n_steps: int) -> np.ndarray:
-        """``[T]`` true step index at ``n_steps`` granularity (-1 outside the task)."""
-        mapping = {p: k for k, group in enumerate(TRUE_STEPS[task][n_steps]) for p in group}
+    def steps(self, task: str, n_steps: int, alternative: bool = False) -> np.ndarray:
+        """``[T]`` true step index at ``n_steps`` granularity (-1 outside the task); ``alternative``: the
+        :data:`ALT_STEPS` grouping instead of :data:`TRUE_STEPS`."""
+        groups = (ALT_STEPS if alternative else TRUE_STEPS)[task][n_steps]
+        mapping = {p: k for k, group in enumerate(groups) for p in group}
         return np.array([mapping.get(int(p), -1) for p in self.phase])
 
 
@@ -328,6 +332,7 @@ def write_demos(task: str, folder: str | Path, count: int, seed: int = 0, kind: 
     return paths
 
 
-__all__ = ["Rollout", "TASKS", "DEMO_TASKS", "KINDS", "FORMATS", "write_demos", "demo_rollout", "require_gymnasium",
+__all__ = ["Rollout", "TASKS", "ALT_STEPS",
+           "DEMO_TASKS", "KINDS", "FORMATS", "write_demos", "demo_rollout", "require_gymnasium",
            "TRUE_STEPS", "procedural_rollout", "mountaincar_rollout", "make_mountaincar",
            "mountaincar_position_frames", "resize_frame"]

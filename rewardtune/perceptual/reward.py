@@ -23,8 +23,10 @@ Pipeline (for ``S`` steps, ``n`` selected features per step):
    ``b_k = 2 ln 9 / (p_k - q_k)``: the median in-step training frame scores 0.9, the median out-of-step frame
    0.1, and 0.5 (the paper's binarisation threshold) lies halfway between them in log-likelihood.
 6. **Combination** (later steps pay more): ``doubling`` (default) ``sum_k 2^(k-1) r_k / (2^S - 1)``; ``sum``
-   ``mean_k r_k``; ``furthest`` ``(index of the furthest step with r_k >= 0.5) / S`` (0 when none). All lie in
-   [0,1]. ``shaped=True`` returns the VIP-style difference ``total[t] - total[t-1]`` (0 at t = 0) instead.
+   ``mean_k r_k``; ``furthest`` ``(index of the furthest step with r_k >= 0.5) / S`` (0 when none);
+   ``expected`` the mean step index under the step posterior ``softmax_k(logit r_k)`` (the calibrated logits
+   ``b_k (l_k - m_k)``), divided by ``S - 1``: ``sum_k (k-1)/(S-1) softmax_k``. All lie in [0,1].
+   ``shaped=True`` returns the VIP-style difference ``total[t] - total[t-1]`` (0 at t = 0) instead.
    (The paper's Appendix A.1 was not available; doubling weights follow the team's unverified recollection of it,
    normalised here so the total stays in [0,1].)
 
@@ -88,6 +90,9 @@ def combine_steps(per_step: torch.Tensor, combine: str = "doubling") -> torch.Te
     if combine == "doubling":
         weights = 2.0 ** torch.arange(steps, dtype=per_step.dtype)
         return per_step @ (weights / weights.sum())
+    if combine == "expected":
+        logits = torch.logit(per_step.clamp(1e-6, 1 - 1e-6))
+        return torch.softmax(logits, -1) @ (torch.arange(steps, dtype=per_step.dtype) / max(1, steps - 1))
     reached = per_step >= 0.5
     index = torch.where(reached, torch.arange(1, steps + 1), torch.zeros(1, dtype=torch.long)).amax(-1)
     return index.to(per_step.dtype) / steps

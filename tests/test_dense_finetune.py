@@ -56,6 +56,32 @@ def test_x0_step_rewards_score_each_state_after_its_step(fresh_pipe):
     assert torch.equal(got[:, -1], rollouts.rewards)  # the last step's state is x_0: the outcome
 
 
+def test_progress_step_rewards_are_value_differences_under_the_base_model(fresh_pipe):
+    """PAV: r_t = V(after step t) - V(before), V by K continuations of the *base* model (the policy here has a moved
+    copy: the prover must not be it), V(x_0) = the outcome; K*T reward queries per sample."""
+    from rewardtune.finetune.dense import ProgressStepRewards
+    from rewardtune.process.values import Prover, trajectory_values
+
+    cfg = make_cfg("progress", progress_continuations=2)
+    base = copy.deepcopy(fresh_pipe.unet).requires_grad_(False)
+    reward = Brightness()
+    rollouts = collect_rollouts(fresh_pipe, PROMPTS, B, cfg.sampling, reward, seeds=0)
+    with torch.no_grad():
+        for p in fresh_pipe.unet.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # the policy moved; the prover stays the base model
+    got, metrics = ProgressStepRewards(cfg)(rollouts, DenseContext(fresh_pipe, reward, cfg, base))
+    assert reward.queries == N * B + N * B * T * 2 and fresh_pipe.unet is not base
+    trained = fresh_pipe.unet
+    fresh_pipe.unet = base  # by hand: the values under the base model with the same seeds
+    values = trajectory_values(Prover(fresh_pipe, cfg.sampling), rollouts.latents, rollouts.prompts, Brightness(), 2,
+                               seed=rollouts.seeds[0], branches=torch.arange(T))
+    fresh_pipe.unet = trained
+    v = torch.cat([values.mean, rollouts.rewards[:, None]], 1)
+    torch.testing.assert_close(got, v[:, 1:] - v[:, :-1])
+    assert got.sum(1).tolist() == pytest.approx((rollouts.rewards - values.mean[:, 0]).tolist(), abs=1e-6)
+    assert metrics["progress_value_se"] > 0
+
+
 def test_implicit_step_rewards_and_the_prm_update_by_hand(fresh_pipe):
     """Epoch 1: phi is the reference, every step reward is 0 (up to float noise between the sampler's batch and the
     re-scoring's). Epoch 2: beta * (log pi_phi - log pi_ref) of phi after

@@ -24,6 +24,9 @@ Kinds (:data:`DENSE_KINDS`; each declares what the rollouts must carry):
   reward is the outcome already queried. Costs ``S*(T-1)`` extra reward queries per epoch.
 * ``implicit`` (PRIME): ``r_t = beta * (log pi_phi(x_{T-t-1}|x_{T-t}) - log pi_ref(...))`` from an implicit PRM phi
   trained online on the outcome rewards (:mod:`rewardtune.finetune.prime`); no extra reward queries.
+* ``progress`` (PAV): ``r_t = V(x_{T-t-1}) - V(x_{T-t})``, the step's advantage under the base model as prover, ``V``
+  by K Monte Carlo continuations (:func:`rewardtune.process.values.trajectory_values`) and ``V(x_0) = R(x_0)``, the
+  outcome. Costs ``S*T*K`` reward queries and ``S*K*T(T+1)/2`` denoiser steps per epoch.
 
 Statistics skip non-finite entries (as GRPO's); a sample with a non-finite step or outcome reward gets NaN
 advantages (returns-to-go spread a NaN over the whole row), so only the minibatches holding it are skipped.
@@ -32,6 +35,7 @@ advantages (returns-to-go spread a NaN over the whole row), so only the minibatc
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
@@ -85,11 +89,12 @@ def combine_advantages(outcome: torch.Tensor, standardised: torch.Tensor, weight
 @dataclass
 class DenseContext:
     """What step rewards may need: the pipeline (its VAE and scheduler), the ``reward`` that counts its queries,
-    the training config (sampler settings, ``forward_chunk``) and the accelerator's ``backward``."""
+    the training config (sampler settings, ``forward_chunk``) and the run's reference (the base model)."""
 
     pipe: object
     reward: Callable
     cfg: FinetuneConfig
+    reference: object = None  # the base model: ADAPTERS_DISABLED (LoRA) or a frozen denoiser (PAV's prover)
 
 
 class StepRewards(Protocol):
@@ -126,6 +131,51 @@ class X0StepRewards:
 
 
 DENSE_KINDS.register("implicit", "rewardtune.finetune.prime:ImplicitPRM")
+
+
+@contextmanager
+def base_model(pipe, reference):
+    """The pipeline sampling as the base model inside the block: LoRA adapters off (``ADAPTERS_DISABLED``), or the
+    frozen reference denoiser swapped in and the trained one put back on exit."""
+    from rewardtune.diffusion.backbones import backbone_of
+    from rewardtune.finetune.rollout import ADAPTERS_DISABLED, adapters_disabled
+
+    backbone = backbone_of(pipe)
+    if reference == ADAPTERS_DISABLED:
+        with adapters_disabled(backbone.denoiser(pipe)):
+            yield pipe
+        return
+    trained = backbone.denoiser(pipe)
+    backbone.set_denoiser(pipe, reference)
+    try:
+        yield pipe
+    finally:
+        backbone.set_denoiser(pipe, trained)
+
+
+@DENSE_KINDS.register("progress")
+class ProgressStepRewards:
+    """PAV progress ``r[:, t] = V[:, t+1] - V[:, t]`` with ``V [S,T+1]`` the base model's Monte Carlo values at the
+    latents before each step (``dense.progress_continuations`` continuations each, seeded from the epoch's first
+    sample seed) and ``V[:, T] = R(x_0)``, the outcome (no extra query)."""
+
+    accumulate, needs_x0, needs_reference = "step", False, False
+
+    def __init__(self, cfg: FinetuneConfig, model=None) -> None:
+        self.k = cfg.dense.progress_continuations
+
+    def __call__(self, rollouts: Rollouts, ctx: DenseContext) -> tuple[torch.Tensor, dict]:
+        from rewardtune.process.values import Prover, trajectory_values
+
+        if ctx.reference is None:
+            raise ValueError("dense kind progress needs the base model (the run's reference) as prover")
+        with base_model(ctx.pipe, ctx.reference), torch.no_grad():
+            values = trajectory_values(Prover(ctx.pipe, ctx.cfg.sampling), rollouts.latents, rollouts.prompts,
+                                       ctx.reward, self.k, seed=int(rollouts.seeds[0]),
+                                       branches=torch.arange(rollouts.num_steps))
+        outcome = rollouts.rewards.float()[:, None]
+        v = torch.cat([values.mean.float().to(outcome.device), outcome], 1)  # [S,T+1]
+        return v[:, 1:] - v[:, :-1], {"progress_value_se": values.se.float().mean().item()}
 
 
 def dense_kind(name: str) -> type:

@@ -242,7 +242,7 @@ class Trainer:
         if self.dense is None:
             return None, {}
         outcome = self.algorithm.targets(rollouts)
-        return self.dense(rollouts, outcome, DenseContext(self.pipe, reward, self.cfg.train))
+        return self.dense(rollouts, outcome, DenseContext(self.pipe, reward, self.cfg.train, self.reference))
 
     def update(self, rollouts: Rollouts, local: FinetuneConfig, generator: torch.Generator, epoch: int,
                targets: torch.Tensor | None = None) -> dict:

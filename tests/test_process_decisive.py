@@ -137,3 +137,27 @@ def test_decisive_from_sweep_reads_both_answers_off_one_table():
     assert torch.allclose(found.value[0], torch.tensor([0.5, 0.5, 1.0, 1.0]))
     prompted = decisive_from_sweep(readings, ["a blue circle", "a red circle"], oracle_outcome("color", "prompt"))
     assert prompted.outcome.tolist() == [1.0, 0.0]  # blue is code 4, red code 0
+
+
+def test_live_search_sees_the_sweeps_estimates_on_the_tiny_pipeline(tiny_pipe):
+    """Continuations are seeded per (trajectory, branch index, k): the batched live search and the search on an
+    exhaustive sweep's readings give the same decisive indices, and the live one costs 1 + K per branch point."""
+    from rewardtune.diffusion.service import generate
+    from rewardtune.process.decisive import decisive_from_sweep
+    from rewardtune.process.values import trajectory_values
+
+    settings = SamplerSettings(steps=4, guidance=2.0, eta=1.0)
+    prompts = ["a red circle", "a blue square", "a green triangle", "a cat"]
+    out = generate(tiny_pipe, prompts, [0, 1, 2, 3], settings, keep_trajectories=True, decode=False)
+    latents = out.trajectory.latents
+    # "at least about as bright as the trajectory's own final image": decided where all continuations are
+    at_least = Outcome(read=lambda images, prompts: images.mean(dim=(1, 2, 3)),
+                       reference=lambda final, prompts: final - 5e-5,
+                       judge=lambda readings, reference: (readings >= reference[:, None]).float())
+    prover = Prover(tiny_pipe, settings)
+    live = decisive_steps(prover, latents, prompts, at_least, k=3, seed=5)
+    sweep = decisive_from_sweep(trajectory_values(prover, latents, prompts, at_least.read, 3, seed=5).scores,
+                                prompts, at_least)
+    assert torch.equal(live.index, sweep.search) and torch.equal(live.branch_points, sweep.branch_points)
+    assert live.queries == 4 + 3 * int(live.branch_points.sum())
+    assert live.index.max() > 0 and live.index.min() < 4  # neither trivially decided by the noise nor never

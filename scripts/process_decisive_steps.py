@@ -46,25 +46,33 @@ FIGURE = ROOT / "docs" / "figures" / "process_decisive_steps.png"
 TARGETS = ("final", "prompt")
 
 
-def fully_specified_prompts(n: int, seed: int) -> list[str]:
-    """``n`` captions of training-combination scenes naming all five attributes."""
+SPLITS = {"train": "training-combination", "heldout": "held-out-combination"}
+
+
+def fully_specified_prompts(n: int, seed: int, split: str = "train") -> list[str]:
+    """``n`` captions naming all five attributes of scenes of the ``train`` or ``heldout`` attribute combinations."""
     from rewardtune.shapes.captions import caption
     from rewardtune.shapes.world import sample_scenes
 
     rng = np.random.default_rng(10_000 + seed)
-    return [caption(scene, rng, mention_prob=1.0) for scene in sample_scenes(n, seed=10_000 + seed)]
+    return [caption(scene, rng, mention_prob=1.0) for scene in sample_scenes(n, seed=10_000 + seed, split=split)]
 
 
-def run_seed(pipe, settings: SamplerSettings, n: int, k: int, seed: int, live: bool) -> dict:
+def record_path(out: Path, split: str, seed: int) -> Path:
+    return out / (f"seed{seed}.pt" if split == "train" else f"{split}_seed{seed}.pt")
+
+
+def run_seed(pipe, settings: SamplerSettings, n: int, k: int, seed: int, live: bool, split: str = "train") -> dict:
     """Trajectories, the exhaustive sweep's readings ``[B,T+1,K,5]`` and (``live``) the batched search's result."""
-    prompts = fully_specified_prompts(n, seed)
+    prompts = fully_specified_prompts(n, seed, split)
     start = time.perf_counter()
     trajectory = generate(pipe, prompts, [1000 * seed + i for i in range(n)], settings, keep_trajectories=True,
                           decode=False).trajectory
     prover = Prover(pipe, settings)
     sweep = trajectory_values(prover, trajectory.latents, prompts, read_attribute_codes, k, seed)
     record = {"prompts": prompts, "readings": sweep.scores.long(), "sweep_queries": sweep.queries,
-              "sweep_seconds": time.perf_counter() - start, "k": k, "steps": settings.steps, "seed": seed}
+              "sweep_seconds": time.perf_counter() - start, "k": k, "steps": settings.steps, "seed": seed,
+              "split": split}
     if live:
         start = time.perf_counter()
         found = decisive_steps(prover, trajectory.latents, prompts, oracle_outcome("color", "prompt"), k, seed)
@@ -90,7 +98,7 @@ def summarise(records: list[dict]) -> tuple[str, dict]:
             per_seed = [analyse(r, attribute, target) for r in records]
             pooled[target, attribute] = per_seed
             rows.append(_table_row(target, attribute, per_seed, steps, k))
-    head = ("| outcome | attribute | won | decisive index j* (median [IQR]) | decided by the noise (j* = 0) | "
+    head = ("| outcome | attribute | won | decisive index j*: mean, median [IQR] | decided by the noise (j* = 0) | "
             "search = sweep | mean abs(search - sweep) | queries: search / sweep per trajectory |\n"
             "|---|---|---|---|---|---|---|---|\n")
     return head + "\n".join(rows), pooled
@@ -109,7 +117,8 @@ def _table_row(target: str, attribute: str, per_seed: list[dict], steps: int, k:
     agree = _mean_sd([float((a["search"] == a["sweep"]).float().mean()) for a in per_seed])
     gap = _mean_sd([float((a["search"] - a["sweep"]).abs().float().mean()) for a in per_seed])
     search_cost = float(np.mean([float(1 + k * a["points"].float().mean()) for a in per_seed]))
-    return (f"| {target} | {attribute} | {won} | {med:.0f} [{q1:.0f}, {q3:.0f}] | {noise} | {agree} | {gap} | "
+    return (f"| {target} | {attribute} | {won} | {float(sweep.mean()):.2f}, {med:.0f} [{q1:.0f}, {q3:.0f}] | "
+            f"{noise} | {agree} | {gap} | "
             f"{search_cost:.1f} / {1 + k * steps} |")
 
 
@@ -133,7 +142,7 @@ def plot(pooled: dict, steps: int, out: Path) -> Path:
         for mask, name in ((won, "won"), (~won, "lost")):
             if mask.any():
                 curve = value[mask]
-                se = curve.std(0) / max(int(mask.sum()), 1) ** 0.5
+                se = curve.std(0, correction=0) / max(int(mask.sum()), 1) ** 0.5
                 axes[1, col].plot(range(steps + 1), curve.mean(0), label=f"{name} ({int(mask.sum())})")
                 axes[1, col].fill_between(range(steps + 1), curve.mean(0) - se, curve.mean(0) + se, alpha=0.25)
         axes[1, col].set_xlabel("branch index j (steps taken)")
@@ -163,6 +172,32 @@ def live_check(records: list[dict], k: int) -> str:
             f"the sweep took {r['sweep_seconds']:.0f} s for {r['sweep_queries']} queries.\n")
 
 
+def describe(records: list[dict], figure: Path) -> str:
+    """The markdown of one split: setting, table, column notes, the live check, the figure."""
+    table, pooled = summarise(records)
+    plot(pooled, records[0]["steps"], figure)
+    r0 = records[0]
+    seconds = sum(r["sweep_seconds"] for r in records)
+    split = r0.get("split", "train")
+    return (f"### {SPLITS[split]} prompts\n\n"
+            f"shapes-tiny, {r0['steps']} DDIM steps (eta 1, guidance 5), {len(r0['prompts'])} trajectories x "
+            f"{len(records)} seeds ({', '.join(str(r['seed']) for r in records)}) of fully specified {SPLITS[split]} "
+            f"prompts; prover = the same model and sampler; K = {r0['k']} continuations per branch point, each read "
+            f"by the gold oracle; sweep wall time {seconds:.0f} s in all (shared, contended CPU).\n\n"
+            + table + "\n\n" + live_check(records, r0["k"])
+            + f"\n![decisive steps, {split}](docs/figures/{figure.name})\n")
+
+
+NOTES = ("Columns: *won* is the fraction of trajectories whose final image meets the outcome (mean ± sd over seeds); "
+         "*j\\** is the first branch index from which every one of the K continuations ends with the trajectory's "
+         "outcome (the decisive step is step j\\* − 1; j\\* = 0: the initial noise decided it; pooled over seeds); "
+         "*search = sweep* is the fraction where the binary search (OmegaPRM; asking the same seeded Monte Carlo "
+         "estimates) returns the sweep's j\\* (they differ only where decidedness is not monotone in j); queries "
+         "count decoded images scored (1 for the final image + K per branch point; the sweep's are shared by the "
+         "five attributes, since one oracle read gives all five). Outcome *final*: the oracle reads the value the "
+         "trajectory's own final image shows; *prompt*: it reads the prompted value (won or lost).\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -173,6 +208,7 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=1.0)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--out", default=str(ROOT / "outputs" / "process_decisive_steps"))
+    parser.add_argument("--split", choices=tuple(SPLITS), default="train", help="the prompts' attribute combinations")
     parser.add_argument("--analyse-only", action="store_true", help="reuse the saved seed*.pt")
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args()
@@ -180,31 +216,20 @@ def main() -> None:
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    records = []
     if not args.analyse_only:
         pipe = load_pipeline("shapes-tiny")
         settings = SamplerSettings(steps=args.steps, guidance=args.guidance, eta=args.eta, batch_size=args.batch_size)
         for i, seed in enumerate(args.seeds):
-            record = run_seed(pipe, settings, args.trajectories, args.k, seed, live=i == 0)
-            torch.save(record, out / f"seed{seed}.pt")
-    records = [torch.load(out / f"seed{s}.pt", weights_only=False) for s in args.seeds]
-    table, pooled = summarise(records)
-    plot(pooled, records[0]["steps"], FIGURE)
-    r0 = records[0]
-    seconds = sum(r["sweep_seconds"] for r in records)
-    text = (header(command_line())
-            + f"shapes-tiny, {r0['steps']} DDIM steps (eta 1, guidance 5), {len(r0['prompts'])} trajectories x "
-              f"{len(records)} seeds ({', '.join(str(r['seed']) for r in records)}) of fully specified "
-              f"training-combination prompts; prover = the same model and sampler; K = {r0['k']} continuations "
-              f"per branch point, each read by the gold oracle; sweep wall time {seconds:.0f} s in all.\n\n"
-            + table + "\n\n"
-            + "Columns: *won* is the fraction of trajectories whose final image meets the outcome (mean ± sd over "
-              "seeds); *j\\** is the first branch index from which every continuation ends with the trajectory's "
-              "outcome (the decisive step is step j\\* − 1; pooled over seeds); *search = sweep* is the fraction "
-              "where the binary search (same seeded Monte Carlo estimates) returns the sweep's j\\*; queries count "
-              "decoded images scored (1 for the final image + K per branch point).\n\n"
-            + live_check(records, r0["k"])
-            + f"\n![decisive steps](docs/figures/{FIGURE.name})\n")
+            record = run_seed(pipe, settings, args.trajectories, args.k, seed, live=i == 0, split=args.split)
+            torch.save(record, record_path(out, args.split, seed))
+    parts = []
+    for split in SPLITS:  # every split whose records exist for these seeds
+        paths = [record_path(out, split, s) for s in args.seeds if record_path(out, split, s).exists()]
+        if paths:
+            records = [torch.load(p, weights_only=False) for p in paths]
+            figure = FIGURE if split == "train" else FIGURE.with_name(f"process_decisive_steps_{split}.png")
+            parts.append(describe(records, figure))
+    text = header(command_line()) + "\n".join(parts) + "\n" + NOTES
     print(text)
     if not args.no_write:
         update_section("process-decisive-steps", "## When is it decided? Decisive denoising steps in the shapes "

@@ -10,10 +10,13 @@ Each epoch ``e`` (0-based):
    log-probs under it and under the reference (the base UNet: a frozen copy for full finetuning, the same UNet
    with its adapters off for LoRA; no second pass at epoch 0), and score the images with ``train.reward``;
 3. score the same images with ``gold_reward`` (logged only, never trained on);
-4. K passes of gradient steps (:func:`rewardtune.finetune.update.update_epoch`) with accelerate's backward and
+4. with ``train.dense``, per-step advantages ``[N*B,T]`` (:mod:`rewardtune.finetune.dense`: x0 step rewards,
+   PRIME's implicit PRM updated on the outcome rewards, or PAV progress by Monte Carlo);
+5. K passes of gradient steps (:func:`rewardtune.finetune.update.update_epoch`) with accelerate's backward and
    gradient clipping;
-5. append one line to ``metrics.jsonl``, redraw ``reward_curve.png``; every ``save_every`` epochs write a
-   checkpoint (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the fixed evaluation prompts and seeds.
+6. append one line to ``metrics.jsonl`` (with ``reward_queries``: the training reward's queries so far, outcome,
+   x0 and Monte Carlo ones), redraw ``reward_curve.png``; every ``save_every`` epochs write a checkpoint
+   (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the fixed evaluation prompts and seeds.
 
 With ``log_with`` the epoch records (numeric scalars, ``reward_components/NAME``), the evaluation scores
 (``eval/KEY``) and grids (``eval/grid``) also go to accelerate's tracker, at step = completed epochs.
@@ -198,7 +201,8 @@ class Trainer:
         return start
 
     def epoch(self, epoch: int) -> dict:
-        """One online epoch (steps 1-4 of the module docstring); returns the gathered metrics record."""
+        """One online epoch (steps 1-5 of the module docstring); returns the gathered metrics record (dense metrics
+        and reward queries: this process's, times the process count for the queries)."""
         from rewardtune.finetune.rollout import collect_rollouts, epoch_reference
 
         acc, train = self.accelerator, self.cfg.train

@@ -101,7 +101,7 @@ def norm_importance(unet, options: NormOptions, context):
 def test_a_new_importance_joins_structured_options():
     IMPORTANCES.register("norm", Importance(norm_importance, NormOptions, "Lp norm"))
     try:
-        assert method_options("structured", "norm") == ["global_pruning", "ignored", "p", "round_to"]
+        assert method_options("structured", "norm") == ["global_pruning", "ignored", "p", "ratios", "round_to"]
         assert method_options("magnitude", "norm") == ["min_keep"]  # only methods that rank channels take them
         pruned = prune_unet(tiny_unet(), ratio=0.5, importance="norm", p=1)
         assert pruned.conv_in.out_channels == 16

@@ -212,3 +212,12 @@ def test_new_methods_run_from_the_cli(tiny_pipeline_dir, tmp_path):
         assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / name}", *FAST, *extra]) == 0, name
         report = json.loads((tmp_path / name / "report.json").read_text())
         assert report["compute"]["steps"] == (2 * 1 + 2 if name == "granet" else 2), name
+
+
+def test_paired_change_by_hand():
+    from rewardtune.prune.evaluate import paired_change
+
+    base, values = torch.tensor([1.0, 1.0, 0.5, 0.5]), torch.tensor([1.0, 0.5, 0.5, 0.5])
+    q = paired_change(values, base)  # d = [0, -0.5, 0, 0]: mean -0.125, sd 0.25; mean(base) 0.75
+    assert q["mean"] == pytest.approx(0.625) and q["change"] == pytest.approx(-0.125 / 0.75)
+    assert q["change_se"] == pytest.approx(0.25 / 2 / 0.75) and q["se"] == pytest.approx(0.25 / 2)

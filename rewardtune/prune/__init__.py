@@ -1,11 +1,13 @@
-"""UNet pruning: structured channels (Diff-Pruning on Torch-Pruning), BK-SDM block removal, global magnitude and
-lottery-ticket masks, PQ-index analysis, distillation recovery, and save/load of pruned pipelines.
+"""UNet pruning: structured channels (Diff-Pruning on Torch-Pruning), BK-SDM block removal, layer tickets, global
+magnitude, lottery-ticket, GraNet and BiP masks, 2:4 semi-structured sparsity, PQ-index analysis, distillation
+recovery (or training from scratch), and save/load of pruned pipelines.
 
     from rewardtune.prune import prune_unet, summarize
     small = prune_unet(pipe.unet, method="structured", ratio=0.5, importance="magnitude")
     print(summarize(pipe.unet, small))   # achieved parameter and MAC ratios
 
-Only ``structured`` and ``blocks`` make dense kernels faster; ``magnitude`` and ``lottery`` zero weights in place.
+Only ``structured``, ``blocks`` and ``layers`` make dense kernels faster; the mask methods zero weights in place
+(``semi_structured`` runs on sparse kernels only on CUDA GPUs of compute capability >= 8.0).
 Each method and importance is a registry entry declaring its options and needs (:mod:`rewardtune.prune.registry`).
 The names below load on first use (torch is imported then), so ``rewardtune.prune.config`` and ``prune --help``
 stay light.

@@ -34,8 +34,8 @@ def prune_unet(unet: nn.Module, method: str = "structured", ratio: float = 0.5, 
 
     Args:
         unet: a diffusers ``UNet2DConditionModel``.
-        method: a name in :data:`METHODS`: ``structured`` (channels), ``blocks`` (BK-SDM), ``magnitude`` (global
-            MP masks) or ``lottery``.
+        method: a name in :data:`METHODS`: ``structured`` (channels), ``blocks`` (BK-SDM), ``layers`` (layer
+            tickets), ``magnitude`` (global MP masks), ``lottery``, ``granet``, ``bip`` or ``semi_structured`` (2:4).
         ratio: fraction to remove, in (0,1): channels for ``structured``, weights for the mask methods; the
             ``blocks`` plan comes from ``options`` (``layers_per_block``, ``mid_block``).
         importance: channel scoring of methods that rank channels (see :data:`IMPORTANCES`).

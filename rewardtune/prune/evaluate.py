@@ -23,6 +23,16 @@ def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return max(0.0, float((mu_a - mu_b).pow(2).sum() + cov_a.trace() + cov_b.trace() - 2 * cross))
 
 
+def paired_change(values: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
+    """Mean and standard error of per-sample scores ``values [N]``, and their relative change against ``base [N]``
+    (the same prompts and seeds): ``mean(d)/mean(base)`` with ``d = values - base``, standard error
+    ``sd(d)/sqrt(N)/mean(base)`` (the denominator treated as fixed)."""
+    values, base = values.double(), base.double()
+    n, d, m = len(values), values - base, float(base.mean())
+    return {"mean": float(values.mean()), "se": float(values.std() / n ** 0.5), "change": float(d.mean()) / m,
+            "change_se": float(d.std() / n ** 0.5) / m}
+
+
 def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0,
                   batch_size: int = 64) -> torch.Tensor:
     """Images ``[N,3,H,W]`` in [0,1] of ``prompts[i]`` from ``seeds[i]`` through the sampling service (DDIM,
@@ -64,4 +74,4 @@ class ShapesQuality:
         return out
 
 
-__all__ = ["frechet_distance", "sample_images", "ShapesQuality"]
+__all__ = ["frechet_distance", "sample_images", "ShapesQuality", "paired_change"]

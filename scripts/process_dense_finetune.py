@@ -94,14 +94,17 @@ def efficiency_table(names: list[str], curves: dict[str, list[list[dict]]], budg
 
 
 def hacking_table(names: list[str], curves: dict[str, list[list[dict]]]) -> str:
-    """Evidence 3: the summed raw x0 step rewards and the transformed sum (epoch 1 -> last) against proxy and gold."""
-    head = ["run", "Σ raw x0 step rewards: epoch 1 → last", "Σ transformed: epoch 1 → last", "Δ proxy", "Δ gold",
-            "worst Δ gold during run"]
+    """Evidence 3: the summed raw x0 step rewards and the transformed sum (epoch 1 -> E) against proxy and gold, at
+    the last epoch E that every x0 arm has run."""
+    names = [n for n in names if ARMS[n][0] == X0]
+    if not names:
+        return "(no x0 arm has run)"
+    epoch = min(len(c) - 1 for n in names for c in curves[n])
+    head = ["run", f"Σ raw x0 step rewards: epoch 1 → {epoch}", f"Σ transformed: epoch 1 → {epoch}",
+            f"Δ proxy (epoch {epoch})", f"Δ gold (epoch {epoch})", "worst Δ gold until then"]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for name in names:
-        runs = curves[name]
-        if runs[0][-1]["raw_sum"] is None:
-            continue
+        runs = [c[:epoch + 1] for c in curves[name]]
         first = [c[1] for c in runs]
         last = [c[-1] for c in runs]
         row = [name, f"{cell([p['raw_sum'] for p in first], '.2f')} → {cell([p['raw_sum'] for p in last], '.2f')}",
@@ -140,20 +143,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     add_run_arguments(parser, "process_dense", [0], 1)
-    parser.add_argument("--existing", action="store_true", help="only the runs that have finished; start none")
+    parser.add_argument("--existing", action="store_true",
+                        help="tabulate the runs that have finished, as they are (whatever their epochs); start none")
     args = parser.parse_args()
     epochs = args.epochs or EPOCHS
     plan = arms(args.arms)
     if args.existing:
         plan = finished(plan, args.seeds, args.out)
-    runs = run_all(plan, args.seeds, args.out, epochs, args.workers, args.threads)
+    runs = run_all(plan, args.seeds, args.out, None if args.existing else epochs, args.workers, args.threads)
     names = [a.name for a in plan]
     curves = {name: [curve(folder) for folder in folders] for name, folders in runs.items()}
-    budgets = sorted({c[-1]["queries"] for name in names for c in curves[name]})[:1]  # the cheapest arm's total
+    totals = [c[-1]["queries"] for name in names for c in curves[name]]
+    per_epoch = {c[1]["queries"] for name in names for c in curves[name] if len(c) > 1}
+    budgets = sorted(b for b in per_epoch | {min(totals)} if b <= max(totals))  # an epoch of each; the cheapest run
     plot = figure(names, curves, FIGURES / "process_dense_finetune.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
-    common = (f"Seeds {args.seeds}, {epochs} epochs of GRPO on shapes-tiny against the proxy shapes_preference "
+    common = (f"Seeds {args.seeds}; GRPO on shapes-tiny against the proxy shapes_preference for the epochs shown "
               "(`configs/grpo/shapes_small*.yaml`: N x B = 6 x 6 samples per epoch, 10 DDIM steps); overrides "
               f"`{' '.join(COMMON)}`. Δ = the fixed evaluation (8 training prompts x 2 seeds) after the epoch minus "
               "before finetuning; gold = the hidden oracle, never trained on. Reward queries = every image the "

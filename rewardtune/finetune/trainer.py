@@ -38,12 +38,15 @@ import torch
 
 from rewardtune.config import save_config
 from rewardtune.diffusion.backbones import UNetBackbone, backbone_of
+from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import (
     list_checkpoints,
     load_checkpoint,
+    load_sharded_checkpoint,
     resume_candidates,
     save_checkpoint,
     save_final_model,
+    save_sharded_checkpoint,
 )
 from rewardtune.finetune.config import FinetuneConfig, RunConfig
 from rewardtune.finetune.report import (
@@ -56,6 +59,7 @@ from rewardtune.finetune.report import (
     summarise_run,
 )
 from rewardtune.finetune.tracking import MetricsLog, Trackers
+from rewardtune.utils import fsdp
 
 if TYPE_CHECKING:
     from rewardtune.finetune.algorithms import Algorithm
@@ -125,7 +129,9 @@ class TimedReward:
 class Trainer:
     """The live objects of one run and its steps. ``unet`` is the trained denoiser (SD's UNet or SD3's transformer)
     as prepared by accelerate (maybe DDP-wrapped; :meth:`bare` is the pipeline's own); ``reference`` the model of
-    PRDP's log-ratios (see :mod:`rewardtune.finetune.rollout`)."""
+    PRDP's log-ratios (see :mod:`rewardtune.finetune.rollout`); ``sharded``: the denoiser is FSDP-sharded over the
+    processes (:mod:`rewardtune.utils.fsdp`), so every process takes part in each of its forward passes (grids and
+    held-out scores included; only the main process writes) and checkpoints."""
 
     cfg: RunConfig
     plan: RunPlan
@@ -139,6 +145,7 @@ class Trainer:
     out: Path
     evals: EvalSet
     trackers: Trackers
+    sharded: bool = False
 
     @classmethod
     def build(cls, cfg: RunConfig, plan: RunPlan, accelerator) -> Trainer:
@@ -146,7 +153,6 @@ class Trainer:
         rewards."""
         from rewardtune.diffusion.loading import load_pipeline
         from rewardtune.finetune.algorithms import make_algorithm
-        from rewardtune.finetune.update import make_optimizer
         from rewardtune.rewards import load_reward
 
         seed_everything(cfg.train.seed)
@@ -156,14 +162,14 @@ class Trainer:
         for part in backbone.frozen_parts(pipe):
             part.requires_grad_(False)
         reference = _add_trainable(pipe, cfg)
-        optimizer = make_optimizer(backbone.denoiser(pipe).parameters(), cfg.train.optim)
-        unet, optimizer = accelerator.prepare(backbone.denoiser(pipe), optimizer)
+        sharded = fsdp.fsdp_requested(accelerator, cfg.fsdp)
+        unet, optimizer = _prepare_denoiser(backbone.denoiser(pipe), backbone, cfg, accelerator, sharded)
         reward = load_reward(cfg.train.reward, device=device).to(device).eval()
         gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
         out = Path(cfg.output_dir)
         return cls(cfg, plan, accelerator, pipe, unet, optimizer, make_algorithm(cfg.train), reference,
                    Scorers(reward, gold), out, EvalSet(cfg.eval_prompts, cfg.eval_seeds),
-                   Trackers(cfg, accelerator, out))
+                   Trackers(cfg, accelerator, out), sharded=sharded)
 
     @property
     def bare(self) -> torch.nn.Module:
@@ -179,7 +185,11 @@ class Trainer:
         from rewardtune.finetune.update import apply_optim_config
 
         candidates = resume_candidates(self.cfg.resume, self.out)
-        start = load_checkpoint(candidates, self.bare, self.optimizer, self.algorithm) if candidates else 0
+        start = 0
+        if candidates and self.sharded:
+            start, _ = load_sharded_checkpoint(candidates, self.unet, self.optimizer, self.algorithm)
+        elif candidates:
+            start = load_checkpoint(candidates, self.bare, self.optimizer, self.algorithm)
         apply_optim_config(self.optimizer, self.cfg.train.optim)  # the restored state holds the old settings
         return start
 
@@ -207,7 +217,7 @@ class Trainer:
         seconds = {"sampling": sampled - start - reward_seconds, "reward": reward_seconds,
                    "update": updated - sampled}
         heldout = {}
-        if self.plan.heldout and self.main:
+        if self.plan.heldout and (self.main or self.sharded):
             heldout = score_heldout(self.pipe, self.scorers, self.plan.heldout, train.sampling)
         return epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
 
@@ -219,7 +229,7 @@ class Trainer:
         try:
             return update_epoch(self.unet, self.optimizer, rollouts, local, self.algorithm,
                                 scheduler=self.pipe.scheduler, generator=generator, backward=acc.backward,
-                                clip_grad_norm=acc.clip_grad_norm_)
+                                clip_grad_norm=clip_sharded_grad_norm if self.sharded else acc.clip_grad_norm_)
         except DivergedError as exc:
             kept = list_checkpoints(self.out)
             last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -231,7 +241,9 @@ class Trainer:
         """The fixed evaluation grid and scores of the current model (see :func:`report.evaluate`), also sent to
         the tracker."""
         record = evaluate(self.pipe, self.scorers, self.evals, self.plan.heldout, self.cfg.train.sampling,
-                          self.out, epoch, heldout_scores)
+                          self.out, epoch, heldout_scores, write=self.main)
+        if not self.main:  # a sharded model's other processes only took part in its forward passes
+            return record
         self.trackers.log(record, epoch, prefix="eval/")
         self.trackers.grid(self.out / "grids" / f"epoch_{epoch:04d}.png", epoch)
         return record
@@ -246,9 +258,14 @@ class Trainer:
 
     def checkpoint(self, done: int, record: dict) -> None:
         """Checkpoint ``done`` epochs, then evaluate that model (held-out scores reused from the epoch's record)."""
-        self.accelerator.wait_for_everyone()
-        if self.main:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if self.sharded:
+            save_sharded_checkpoint(self.out, done, self.unet, self.optimizer, self.algorithm, self.cfg.keep_last,
+                                    acc.wait_for_everyone, self.main)
+        elif self.main:
             save_checkpoint(self.out, done, self.bare, self.optimizer, self.algorithm, self.cfg.keep_last)
+        if self.main or self.sharded:
             self.evaluate(done, {k: record[k] for k in HELDOUT_KEYS if k in record})
 
     def finish(self, record: dict, start: int, began: float) -> dict:
@@ -256,10 +273,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.out / "final"
-        in_sync = ranks_in_sync(acc, acc.unwrap_model(self.unet))
+        in_sync = True if self.sharded else ranks_in_sync(acc, acc.unwrap_model(self.unet))
+        model = gather_sharded(self.unet) if self.sharded else acc.unwrap_model(self.unet)
         summary = {}
         if self.main:
-            backbone_of(self.pipe).set_denoiser(self.pipe, acc.unwrap_model(self.unet))
+            backbone_of(self.pipe).set_denoiser(self.pipe, model)
             save_final_model(self.pipe, self.bare, final, lora=bool(self.cfg.lora_rank),
                              base_model=base_model_name(self.cfg.model))
             summary = summarise_run(record, self.out, final, start, self.cfg.epochs, time.perf_counter() - began)
@@ -272,6 +290,7 @@ class Trainer:
         try:
             if self.main:
                 save_config(self.cfg, self.out / "config.yaml")
+            if self.main or self.sharded:
                 self.evaluate_if_missing(start)
             log = MetricsLog(self.out, self.main, range(start, self.cfg.epochs), self.cfg.train.algorithm,
                              self.trackers)
@@ -288,6 +307,37 @@ class Trainer:
             raise
         self.trackers.stop()
         return summary
+
+
+def _prepare_denoiser(model: torch.nn.Module, backbone, cfg: RunConfig, accelerator, sharded: bool
+                      ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The trained denoiser and its optimizer: FSDP-sharded block by block (the optimizer then holds the shards),
+    or prepared by accelerate (DDP-wrapped over several processes)."""
+    from rewardtune.finetune.update import make_optimizer
+
+    if sharded:
+        if cfg.lora_rank:
+            raise UserError("the launch asks for FSDP (accelerate's FSDP config) but lora_rank is set: FSDP shards "
+                            "full finetuning; set lora_rank=null or launch without the FSDP config")
+        fsdp.shard(model, backbone.shard_units(model))
+        return model, make_optimizer(model.parameters(), cfg.train.optim)
+    return accelerator.prepare(model, make_optimizer(model.parameters(), cfg.train.optim))
+
+
+def clip_sharded_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over sharded parameters: the norm of the full gradient (its shards' norms combined)."""
+    return fsdp.full_grad_norm(torch.nn.utils.clip_grad_norm_(list(parameters), max_norm))
+
+
+def gather_sharded(model: torch.nn.Module) -> torch.nn.Module | None:
+    """An unsharded copy of the FSDP-sharded ``model`` on the main process (None elsewhere); every process calls
+    this (the full weights are gathered once)."""
+    state = fsdp.full_state_dict(model)
+    if not state:
+        return None
+    plain = type(model).from_config(model.config)
+    plain.load_state_dict(state)
+    return plain.to(next(iter(state.values())).dtype)
 
 
 def _add_trainable(pipe, cfg: RunConfig) -> Reference:

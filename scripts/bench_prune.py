@@ -1,6 +1,7 @@
 """Pruning benchmarks: size, MACs, speed and shapes-world quality of pruned UNets; writes BENCHMARKS.md (prune).
 
-    python scripts/bench_prune.py [--part all|shapes|sd15] [--recovered build/prune] [--repeats 5] [--no-write]
+    python scripts/bench_prune.py [--part all|shapes|sd15|target] [--recovered build/prune] [--repeats 5]
+                                  [--num-prompts 64] [--no-write]
 
 * SD 1.5 UNet architecture (random weights, built from its config; no hub): parameters, MACs and UNet forward
   latency at 32x32 latents (batch 1), and 20-step DDIM sampling latency with classifier-free guidance at 16x16
@@ -11,6 +12,8 @@
   ``rewardtune prune configs/prune/<preset>.yaml out=<recovered>/<preset>``; missing ones are listed as not run,
   found ones with the recovery settings of their run (``<recovered>/<preset>/config.yaml``).
 * Masks (global magnitude, lottery): sparsity against quality; dense kernels do the same work, so no speed-up.
+* target (issue 15): the runs of the ``TARGET_PRESETS`` found under ``--recovered``: sampling speed-up, and gold
+  fidelity on ``2 x --num-prompts`` held-out samples with standard errors of the mean and of the paired change.
 """
 
 from __future__ import annotations
@@ -20,11 +23,12 @@ import gc
 import statistics
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
+from diffusers import StableDiffusionPipeline
 
 from rewardtune.diffusion import encode_prompts, generators_for, load_pipeline, sample_trajectories
+from rewardtune.diffusion.backbones import Conditioning
 from rewardtune.prompts import read_prompts
 from rewardtune.prune import prune_unet
 from rewardtune.prune.common import count_macs, count_params, example_inputs
@@ -47,12 +51,30 @@ MASK_RATIOS = (0.3, 0.5, 0.7, 0.9)
 
 
 def sampler(pipe, unet, batch: int, size: int | None = None, steps: int = 20):
-    """A call that samples ``batch`` latents with ``unet`` in 20 DDIM steps (guidance 5, eta 0)."""
-    stub = SimpleNamespace(unet=unet, scheduler=pipe.scheduler, vae_scale_factor=pipe.vae_scale_factor)
-    embeds, negative = pipe.states[:1].expand(batch, -1, -1), pipe.empty.expand(batch, -1, -1)
+    """A call that samples ``batch`` latents with ``unet`` in 20 DDIM steps (guidance 5, eta 0): ``pipe.unet`` is
+    swapped for the call (``pipe.states``/``pipe.empty`` hold the prompt and empty-prompt states)."""
+    embeds, negative = pipe.states[:1].expand(batch), pipe.empty.expand(batch)
     hw = None if size is None else size * pipe.vae_scale_factor
-    return lambda: sample_trajectories(stub, embeds, negative, generators_for(range(batch)), steps=steps,
+
+    def call():
+        original = pipe.unet
+        object.__setattr__(pipe, "unet", unet)  # a plain swap: no pipeline config update for a timing call
+        try:
+            return sample_trajectories(pipe, embeds, negative, generators_for(range(batch)), steps=steps,
                                        guidance=5.0, eta=0.0, height=hw, width=hw)
+        finally:
+            object.__setattr__(pipe, "unet", original)
+    return call
+
+
+class BarePipeline(StableDiffusionPipeline):
+    """A UNet and a scheduler typed as a Stable Diffusion pipeline (timing random-weight architectures: no VAE or
+    text encoder); ``states``/``empty`` are the conditioning the sampler reuses."""
+
+    def __init__(self, unet, scheduler, states: Conditioning, empty: Conditioning, vae_scale_factor: int = 8):
+        for key, value in dict(unet=unet, scheduler=scheduler, states=states, empty=empty,
+                               vae_scale_factor=vae_scale_factor).items():
+            object.__setattr__(self, key, value)
 
 
 def interleaved_medians(calls: dict[str, callable], repeats: int, warmup: int = 1) -> dict[str, float]:
@@ -102,8 +124,8 @@ def bench_sd15(repeats: int) -> str:
                 "blocks BK-SDM-Base (layers_per_block 1)": prune_unet(original, method="blocks", mid_block=True),
                 "blocks BK-SDM-Small (+ no mid block)": prune_unet(original, method="blocks")}
     g = torch.Generator().manual_seed(0)
-    pipe = SimpleNamespace(scheduler=DDIMScheduler(**scheduler_config()), vae_scale_factor=8,
-                           states=torch.randn(1, 77, 768, generator=g), empty=torch.randn(1, 77, 768, generator=g))
+    states, empty = (Conditioning(torch.randn(1, 77, 768, generator=g)) for _ in range(2))
+    pipe = BarePipeline(original, DDIMScheduler(**scheduler_config()), states, empty)
     inputs = example_inputs(original, batch=1, tokens=77, size=32)
     rows = speed_rows(pipe, variants, inputs, batch=1, repeats=repeats, size=16, sample_repeats=1,
                       sample_warmup=0)
@@ -146,8 +168,8 @@ def recovery_settings(run_dir: Path) -> str:
 
 def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
     pipe = load_pipeline("shapes-tiny")
-    pipe.states = encode_prompts(pipe, ["a red circle on a white background"]).embeds
-    pipe.empty = encode_prompts(pipe, [""]).embeds
+    pipe.states = encode_prompts(pipe, ["a red circle on a white background"])
+    pipe.empty = encode_prompts(pipe, [""])
     original = pipe.unet
     variants = {"original": original}
     variants.update({name: prune_unet(original, **kw) for name, (kw, _) in SHAPES_VARIANTS.items()})
@@ -192,22 +214,90 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             "| mask | gold fidelity | taste | proxy reward | FD |\n|---|---|---|---|---|\n" + "\n".join(mrows) + "\n")
 
 
+TARGET_PRESETS = {  # row name -> preset whose `rewardtune prune` run (under --recovered) is measured
+    "structured 0.5, sampler-timestep distillation": "shapes_structured_target",
+    "structured 0.5, same architecture from scratch (equal compute)": "shapes_structured_scratch",
+    "layer tickets at initialisation (2 of 6 units)": "shapes_layer_tickets",
+}
+
+
+def paired_fidelity(pipe, unet, items, seeds, base: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-sample gold fidelity ``[N]`` of ``unet`` and its paired change against ``base [N]`` (the original on the
+    same prompts and seeds): relative change ``mean(d)/mean(base)`` with standard error ``sd(d)/sqrt(N)/mean(base)``
+    (the denominator is treated as fixed)."""
+    from rewardtune.shapes.oracle import gold_scores
+
+    original = pipe.unet
+    pipe.unet = unet
+    try:
+        fid = gold_scores(sample_images(pipe, items, seeds), items)["fidelity"]
+    finally:
+        pipe.unet = original
+    d, m = fid - base, float(base.mean())
+    return fid, {"mean": float(fid.mean()), "se": float(fid.std() / len(fid) ** 0.5),
+                 "change": float(d.mean()) / m, "change_se": float(d.std() / len(d) ** 0.5) / m}
+
+
+def run_compute(run_dir: Path) -> str:
+    """``steps x batch`` spent by a ``rewardtune prune`` run (its report), with the recovery's initialisation."""
+    import json
+
+    report = json.loads((run_dir / "report.json").read_text())
+    c = report.get("compute", {})
+    return f"{c.get('steps')} x {c.get('batch_size')} ({c.get('recover_init', 'pruned')} init)"
+
+
+def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
+    """Issue 15's target: >= 2x 20-step sampling at <= 5 % gold-fidelity loss on >= 256 held-out samples."""
+    from rewardtune.shapes.oracle import gold_scores
+
+    pipe = load_pipeline("shapes-tiny")
+    pipe.states, pipe.empty = encode_prompts(pipe, ["a red circle on a white background"]), encode_prompts(pipe, [""])
+    found = {name: recovered / preset for name, preset in TARGET_PRESETS.items()
+             if (recovered / preset / "report.json").is_file()}
+    unets = {"original": pipe.unet, **{name: load_pipeline(str(d / "pipeline")).unet for name, d in found.items()}}
+    speed = interleaved_medians({n: sampler(pipe, u, 16) for n, u in unets.items()}, repeats)
+    prompts = read_prompts(HELDOUT)[:num_prompts]
+    items, seeds = [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
+    base = gold_scores(sample_images(pipe, items, seeds), items)["fidelity"]
+    se = float(base.std() / len(base) ** 0.5)
+    rows = [f"| original | – | 1.00x | {float(base.mean()):.3f} ± {se:.3f} | – | – |"]
+    for name, run_dir in found.items():
+        _, q = paired_fidelity(pipe, unets[name], items, seeds, base)
+        ok = speed["original"] / speed[name] >= 2 and q["change"] >= -0.05
+        rows.append(f"| {name} | {run_compute(run_dir)} | {speed['original'] / speed[name]:.2f}x | {q['mean']:.3f} ± "
+                    f"{q['se']:.3f} | {100 * q['change']:+.1f} ± {100 * q['change_se']:.1f} % | "
+                    f"{'yes' if ok else 'no'} |")
+        print(rows[-1], flush=True)
+    missing = [p for n, p in TARGET_PRESETS.items() if n not in found]
+    return (f"Target: >= 2x 20-step sampling at <= 5 % gold-fidelity loss. Speed: 20-step sampling of 16 images with "
+            f"guidance, interleaved rounds, ratio of medians of {repeats} rounds. Quality: {len(items)} held-out "
+            f"samples ({len(prompts)} prompts x 2 seeds, 20 DDIM steps, guidance 5), mean ± standard error; the "
+            "change is paired (same prompts and seeds as the original), ± its standard error. Compute = "
+            "distillation steps x batch of the run.\n\n| model | compute | sampling speed-up | gold fidelity | "
+            "fidelity change | target met |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+            + (f"\nNot run (no `rewardtune prune` folder under `{recovered}`): {', '.join(missing)}.\n"
+               if missing else ""))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recovered", type=Path, default=ROOT / "build" / "prune")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--num-prompts", type=int, default=64)
-    parser.add_argument("--part", choices=["all", "shapes", "sd15"], default="all",
+    parser.add_argument("--num-prompts", type=int, default=64, help="held-out prompts (x 2 seeds); the target "
+                        "part needs >= 128 (256 samples); the file has 200")
+    parser.add_argument("--part", choices=["all", "shapes", "sd15", "target"], default="all",
                         help="which section to measure (each writes its own section of BENCHMARKS.md)")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     parts = {"shapes": lambda: bench_shapes(args.recovered, args.repeats, args.num_prompts),
-             "sd15": lambda: bench_sd15(args.repeats)}
+             "sd15": lambda: bench_sd15(args.repeats),
+             "target": lambda: bench_target(args.recovered, args.repeats, args.num_prompts)}
     for name, run in parts.items():
         if args.part not in ("all", name):
             continue
         t0 = time.time()
-        title = {"shapes": "shapes-tiny", "sd15": "SD 1.5 UNet architecture"}[name]
+        title = {"shapes": "shapes-tiny", "sd15": "SD 1.5 UNet architecture", "target": "shapes-tiny target"}[name]
         text = (f"## Pruning: {title}\n\n" + header(command_line()) + run()
                 + f"\nWall time of this part: {time.time() - t0:.0f} s.\n")
         print(text)

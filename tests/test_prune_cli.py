@@ -39,11 +39,12 @@ def test_prune_cli_taylor_blocks_and_lottery(tiny_pipeline_dir, tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("ratio=1.5", "config key 'ratio' must be strictly between 0 and 1"),
     ("ratio=0", "config key 'ratio' must be strictly between 0 and 1"),
-    ("method=bogus", "config key 'method' must be one of blocks, lottery, magnitude, structured"),
+    ("method=bogus", "config key 'method' must be one of bip, blocks, granet, layers, lottery, magnitude, "
+     "semi_structured, structured"),
     ("ratio=0.9", "would remove a whole layer"),
     ("recover.ema=1", "config key 'recover.ema' must be in [0, 1)"),
     ("options.round_to=eight", "config key 'options.round_to' expects int or null, got 'eight'"),
-    ("options.ignored=[conv_outt]", "ignored layer 'conv_outt' is not a module"),
+    ("options.ignored=[conv_outt]", "layer 'conv_outt' (options.ignored or options.ratios) is not a module"),
 ])
 def test_prune_cli_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys, override, message):
     assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, override]) == 2

@@ -209,9 +209,9 @@ def test_unsupported_modules_and_names(unet):
     wrapped.time_embedding.linear_1 = LoraLinear(old.in_features, old.out_features)
     with pytest.raises(UserError, match="unsupported module type LoraLinear"):
         prune_unet(wrapped)
-    with pytest.raises(UserError, match="unknown pruning method 'bogus'; choose one of: blocks, lottery"):
+    with pytest.raises(UserError, match="unknown pruning method 'bogus'; choose one of: bip, blocks, granet"):
         prune_unet(unet, method="bogus")
     with pytest.raises(UserError, match="unknown pruning importance"):
         prune_unet(unet, importance="random")
-    with pytest.raises(UserError, match="ignored layer 'conv_outt' is not a module"):
+    with pytest.raises(UserError, match=r"layer 'conv_outt' \(options.ignored or options.ratios\) is not a module"):
         prune_unet(unet, ignored=("conv_outt",))

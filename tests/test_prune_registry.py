@@ -119,6 +119,10 @@ def test_shipped_entries_declare_their_needs():
     lottery = METHODS.get("lottery")
     assert lottery.needs_training and lottery.train_steps(lottery.options(round_steps=7)) == 7
     assert [n for n in IMPORTANCES.names() if IMPORTANCES.get(n).needs_calibration] == ["diff_pruning", "taylor"]
+    granet, layers = METHODS.get("granet"), METHODS.get("layers")
+    assert granet.needs_training and granet.train_steps(granet.options(round_steps=5)) == 5
+    assert layers.speeds_up_sampling and not METHODS.get("bip").speeds_up_sampling
+    assert layers.needs_calibration(layers.options()) and not layers.needs_calibration(layers.options(remove=["x"]))
     for registry in (METHODS, IMPORTANCES):
         for name in registry.names():
             for f in dataclasses.fields(registry.get(name).options):
@@ -127,7 +131,8 @@ def test_shipped_entries_declare_their_needs():
 
 @pytest.mark.parametrize("method, importance, expected", [
     ("structured", "magnitude", False), ("structured", "taylor", True), ("magnitude", "taylor", False),
-    ("lottery", "magnitude", True), ("blocks", "magnitude", False)])
+    ("lottery", "magnitude", True), ("blocks", "magnitude", False), ("granet", "magnitude", True),
+    ("bip", "magnitude", True), ("layers", "magnitude", True), ("semi_structured", "magnitude", False)])
 def test_config_needs_data_follows_declarations(method, importance, expected):
     cfg = PruneConfig(method=method, importance=importance, recover=RecoverConfig(steps=0))
     assert cfg.needs_data is expected

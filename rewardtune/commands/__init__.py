@@ -32,6 +32,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("prune", "rewardtune.commands.prune",
             "prune a pipeline's UNet (channels, blocks, masks), recover, evaluate, save"),
     Command("perceptual", "rewardtune.commands.perceptual", "learn rewards from demo videos (Sermanet et al. 2017)"),
+    Command("steps", "rewardtune.commands.steps", "step values, decisive steps, implicit rewards of trajectories"),
     Command("models", "rewardtune.commands.models", "list registered pipelines and rewards"),
 )
 

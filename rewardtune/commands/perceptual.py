@@ -46,7 +46,8 @@ def add_arguments(parser) -> None:
     learn.add_argument("--videos", required=True, help="folder or glob of demos: mp4, webm, gif, or frame folders")
     learn.add_argument("--steps", type=positive_int, required=True, help="steps per demo (>= 2)")
     learn.add_argument("--features", default="random-cnn", help="feature extractor: inception_v3, "
-                       "openclip:<model>, shapes-clip, random-cnn, pixels (default random-cnn)")
+                       "openclip:<model>, shapes-clip, random-cnn, pixels, or time-contrastive (trained on these "
+                       "demos, saved with the reward) (default random-cnn)")
     learn.add_argument("--feature-option", action="append", metavar="KEY=VALUE",
                        help="extractor option, repeatable (e.g. weights=inception.pth, pooled=false, size=32)")
     learn.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE,

@@ -13,9 +13,13 @@ An entry is a class (or a lazy ``"module:Class"`` string) built as ``Entry(cfg, 
 * ``uses_reference``: True when the loss reads ``log_probs_ref`` (PRDP's log-ratios, GRPO's KL term); otherwise the
   rollouts skip the reference model's pass over every step (``log_probs_ref`` is then ``log_probs_old``). The
   trainer reads it on the instance, so it may depend on the options (GRPO: ``kl_beta > 0``);
+* ``per_step_advantages``: True when the loss also takes per-step targets ``[n,k]`` (advantages of each step, as
+  built by :mod:`rewardtune.finetune.dense` from ``train.dense``); then ``adv_clip_max`` bounds the combined
+  advantages;
 * ``targets(rollouts) -> [N*B]``: computed once per epoch, before the K passes;
 * ``loss(log_probs, log_probs_old, log_probs_ref, targets) -> (loss, clipfrac)`` on ``[n,k]`` log-probs and
-  ``[n]`` targets; ``clipfrac`` is the fraction of steps outside the clip band;
+  ``[n]`` (or, with ``per_step_advantages``, ``[n,k]``) targets; ``clipfrac`` is the fraction of steps outside the
+  clip band;
 * ``state_dict()`` / ``load_state_dict()`` for state kept across epochs (DDPO's stat tracker).
 
     algorithm = make_algorithm(cfg)
@@ -65,6 +69,7 @@ class PRDP:
     min_images_per_prompt, min_images_reason = 2, "its loss compares images of the same prompt"
     whole_groups = True
     uses_reference = True
+    per_step_advantages = False  # its targets are rewards of whole trajectories
 
     def __init__(self, cfg: FinetuneConfig, options: None = None) -> None:
         self.beta, self.clip_range = cfg.prdp.beta, cfg.prdp.clip_range
@@ -102,11 +107,13 @@ class DDPO:
     min_images_per_prompt, min_images_reason = 1, ""
     whole_groups = False
     uses_reference = False  # PPO-clip needs only the snapshot's log-probs
+    per_step_advantages = True
 
     def __init__(self, cfg: FinetuneConfig, options: None = None) -> None:
         from rewardtune.finetune.advantages import PerPromptStatTracker
 
         self.cfg = cfg.ddpo
+        self.adv_clip_max = cfg.ddpo.adv_clip_max
         self.tracker = (PerPromptStatTracker(cfg.ddpo.stat_buffer, cfg.ddpo.stat_min_count)
                         if cfg.ddpo.per_prompt_stats else None)
 
@@ -126,7 +133,8 @@ class DDPO:
         return advantages.clamp(-self.cfg.adv_clip_max, self.cfg.adv_clip_max)
 
     def loss(self, log_probs, log_probs_old, log_probs_ref, targets):
-        """``[n,k]`` log-probs and ``[n]`` advantages -> PPO-clip loss (the reference is not used)."""
+        """``[n,k]`` log-probs and ``[n]`` (or per-step ``[n,k]``) advantages -> PPO-clip loss (the reference is not
+        used)."""
         import torch
 
         from rewardtune.finetune.losses import ddpo_loss
@@ -207,10 +215,12 @@ class GRPO:
     min_images_reason = "its advantages compare images of the same prompt (one image has zero advantage)"
     whole_groups = False  # advantages are computed once per epoch over all rollouts; the loss is per sample
     uses_reference = True  # the default options' kl_beta > 0; each instance sets its own
+    per_step_advantages = True
 
     def __init__(self, cfg: FinetuneConfig, options: GRPOOptions | None = None) -> None:
         self.options = options if options is not None else GRPOOptions()
         self.uses_reference = self.options.kl_beta > 0
+        self.adv_clip_max = self.options.adv_clip_max
 
     def targets(self, rollouts: Rollouts) -> torch.Tensor:
         """``[N*B]`` group-relative advantages of the group-contiguous rewards (NaN where a reward is not finite)."""
@@ -233,7 +243,8 @@ class GRPO:
         return advantages.clamp(-opt.adv_clip_max, opt.adv_clip_max).reshape(-1).to(rewards.dtype)
 
     def loss(self, log_probs, log_probs_old, log_probs_ref, targets):
-        """``[n,k]`` log-probs and ``[n]`` advantages -> (PPO-clip + ``kl_beta`` * k3 loss, clipfrac)."""
+        """``[n,k]`` log-probs and ``[n]`` (or per-step ``[n,k]``) advantages -> (PPO-clip + ``kl_beta`` * k3 loss,
+        clipfrac)."""
         import torch
 
         from rewardtune.finetune.losses import grpo_loss
@@ -279,6 +290,14 @@ def check_algorithm(cfg: FinetuneConfig) -> None:
     require(cfg.images_per_prompt >= minimum, "images_per_prompt", f"at least {minimum}" + (
         f" for {cfg.algorithm} ({entry.min_images_reason})" if minimum > 1 else ""), cfg.images_per_prompt)
     algorithm_options(cfg)
+    if cfg.dense.kind != "none":
+        dense_ready = [name for name in ALGORITHMS.names() if getattr(algorithm_entry(name), "per_step_advantages",
+                                                                      False)]
+        require(getattr(entry, "per_step_advantages", False), "dense.kind", f"'none' with {cfg.algorithm} (dense "
+                "step rewards need an algorithm with per-step advantages: " + ", ".join(dense_ready) + ")",
+                cfg.dense.kind)
+        require(cfg.images_per_prompt >= 2, "images_per_prompt", "at least 2 with a dense kind (the dense term is "
+                "standardised within each prompt group)", cfg.images_per_prompt)
 
 
 def make_algorithm(cfg: FinetuneConfig) -> Algorithm:

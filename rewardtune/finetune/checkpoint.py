@@ -96,9 +96,12 @@ def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def save_checkpoint(output_dir: str | Path, epoch: int, unet, optimizer, algorithm, keep_last: int) -> Path:
+def save_checkpoint(output_dir: str | Path, epoch: int, unet, optimizer, algorithm, keep_last: int,
+                    extra: dict | None = None) -> Path:
     """Write ``checkpoints/epoch_{epoch}`` atomically (files and folder flushed to disk before the rename), then
-    delete all but the newest ``keep_last``.
+    delete all but the newest ``keep_last``. ``extra``: more run state for ``state.pt`` (plain tensors and
+    containers; e.g. the reward-query count and the dense advantages' implicit PRM), returned by
+    :func:`load_checkpoint`.
 
     Raises:
         UserError: the disk is full (or another OS error); the earlier checkpoints are left intact.
@@ -111,7 +114,7 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, optimizer, algorit
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp_epoch_{epoch}_", dir=root))
         try:
-            _write_checkpoint_files(tmp, epoch, unet, optimizer, algorithm)
+            _write_checkpoint_files(tmp, epoch, unet, optimizer, algorithm, extra or {})
             _replace_folder(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -169,12 +172,12 @@ def save_sharded_checkpoint(output_dir: str | Path, epoch: int, model, optimizer
     return final
 
 
-def _write_checkpoint_files(folder: Path, epoch: int, unet, optimizer, algorithm) -> None:
+def _write_checkpoint_files(folder: Path, epoch: int, unet, optimizer, algorithm, extra: dict) -> None:
     from safetensors.torch import save_file
 
     save_file(trainable_state(unet), str(folder / "trainable.safetensors"))
     torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "algorithm": algorithm.state_dict(),
-                "rng": rng_state()}, folder / "state.pt")
+                "rng": rng_state(), **({"extra": extra} if extra else {})}, folder / "state.pt")
     for name in ("trainable.safetensors", "state.pt"):
         fsync_file(folder / name)
     fsync_dir(folder)
@@ -229,9 +232,10 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, state
 
 
-def load_checkpoint(folders: str | Path | list[Path], unet, optimizer, algorithm) -> int:
+def load_checkpoint(folders: str | Path | list[Path], unet, optimizer, algorithm) -> tuple[int, dict]:
     """Restore weights, optimizer, algorithm state and RNG states from the first readable folder of ``folders``
-    (newest first; each unreadable one is skipped with a warning); returns the epochs done."""
+    (newest first; each unreadable one is skipped with a warning); returns (the epochs done, the ``extra`` state
+    saved with it, {} when none)."""
     folders = [Path(folders)] if isinstance(folders, (str, Path)) else list(folders)
     for i, folder in enumerate(folders):
         try:
@@ -246,7 +250,7 @@ def load_checkpoint(folders: str | Path | list[Path], unet, optimizer, algorithm
         algorithm.load_state_dict(state["algorithm"])
         set_rng_state(state["rng"])
         logger.info("resumed from %s (epoch %d)", folder, state["epoch"])
-        return int(state["epoch"])
+        return int(state["epoch"]), state.get("extra", {})
     raise UserError("no checkpoint to resume from")
 
 

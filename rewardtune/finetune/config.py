@@ -9,7 +9,7 @@ tracking with buffer 32 / min count 16).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from rewardtune.config import PATH, require
 from rewardtune.diffusion.settings import SamplerSettings
@@ -82,6 +82,65 @@ class OptimConfig:
 
 
 @dataclass
+class PRMConfig:
+    """The implicit process reward model of PRIME mode (``train.dense.kind: implicit``): ``phi``, a copy of the
+    reference denoiser (its own LoRA adapter with ``lora_rank``), trained online on each epoch's outcome rewards with
+    PRDP's reward-difference regression (:func:`~rewardtune.finetune.losses.prdp_loss_grouped`) so that
+    ``beta * mean_t log pi_phi/pi_ref`` predicts the reward up to a per-group constant.
+
+    ``beta``: the implicit reward's scale (the regression target is ``dr / beta``); ``clip_range``: PRDP's stepwise
+    proximal clip; ``lr``: AdamW's learning rate on phi's trainable weights (weight decay, betas and gradient clipping
+    as ``train.optim``)."""
+
+    beta: float = 1.0
+    clip_range: float = 1e-2
+    lr: float = 5e-4
+
+    def __post_init__(self) -> None:
+        require(self.beta > 0, "beta", "> 0 (the implicit reward's scale divides the reward difference)", self.beta)
+        require(self.clip_range > 0, "clip_range", "> 0 (PRDP's stepwise clip)", self.clip_range)
+        require(0 < self.lr <= 1, "lr", "in (0, 1]", self.lr)
+
+
+@dataclass
+class DenseConfig:
+    """Dense (per-step) advantages: ``A[b,t] = A_outcome[b] + weight * Z[b,t]`` with ``Z`` the dense term ``D``
+    standardised per prompt group and step (:mod:`rewardtune.finetune.dense` has the math).
+
+    ``kind``: ``none`` (outcome only: today's per-sample advantages, bit for bit), ``x0`` (the training reward of each
+    step's decoded clean-image prediction: S*(T-1) more reward queries per epoch), ``implicit`` (PRIME:
+    ``beta * log pi_phi/pi_ref`` per step from an implicit PRM trained online, see ``prm``; no extra reward queries)
+    or ``progress`` (PAV: ``V(x_{t-1}) - V(x_t)`` under the base model, by Monte Carlo).
+    ``transform``: ``none``, ``clip`` (``min(r - clip_eta, 0)``) or ``delta`` (``r_t - r_{t+1}``) on the step rewards.
+    ``accumulate``: ``returns_to_go`` (``D_t = sum_{k>=t} gamma^(k-t) r_k``), ``step`` (``D_t = r_t``) or ``auto``
+    (the kind's own: returns-to-go for ``x0`` and ``implicit``, as PRIME; the step itself for ``progress``, as PAV's
+    prover advantage). ``td_lambda``: ReARTeR's TD look-ahead on the step rewards before the transform (null: off).
+    ``std_eps``: added to the per-step group std. ``progress_continuations``: K Monte Carlo continuations per value.
+    """
+
+    kind: Literal["none", "x0", "implicit", "progress"] = "none"
+    weight: float = 1.0
+    transform: Literal["none", "clip", "delta"] = "none"
+    clip_eta: float = 0.0
+    accumulate: Literal["auto", "returns_to_go", "step"] = "auto"
+    gamma: float = 1.0
+    td_lambda: float | None = None
+    std_eps: float = 1e-4
+    progress_continuations: int = 2
+    prm: PRMConfig = field(default_factory=PRMConfig)
+
+    def __post_init__(self) -> None:
+        require(self.weight >= 0, "weight", ">= 0 (the dense term's weight next to the outcome advantage)",
+                self.weight)
+        require(0 < self.gamma <= 1, "gamma", "in (0, 1] (the returns-to-go discount)", self.gamma)
+        require(self.td_lambda is None or 0 <= self.td_lambda <= 1, "td_lambda", "null or in [0, 1]",
+                self.td_lambda)
+        require(self.std_eps > 0, "std_eps", "> 0 (a group of equal dense terms would divide 0 by 0)", self.std_eps)
+        require(self.progress_continuations >= 1, "progress_continuations", "at least 1",
+                self.progress_continuations)
+
+
+@dataclass
 class FinetuneConfig:
     """One online epoch: sample ``images_per_prompt`` (B) trajectories for each of ``prompts_per_epoch`` (N)
     prompts from the snapshot, score them, then ``inner_steps`` (K) passes over the N prompt groups with
@@ -92,6 +151,7 @@ class FinetuneConfig:
     ``timestep_fraction``: share of the T steps trained on per sample (a random subset, DDPO's option; PRDP uses 1).
     ``forward_chunk``: (sample, step) pairs per UNet forward in the update; bigger minibatches use an exact
     two-pass gradient (see :mod:`rewardtune.finetune.update`).
+    ``dense``: per-step advantages from step rewards (:class:`DenseConfig`; default ``none``: outcome only).
     """
 
     algorithm: str = "prdp"
@@ -108,6 +168,7 @@ class FinetuneConfig:
     ddpo: DDPOConfig = field(default_factory=DDPOConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
 
     def __post_init__(self) -> None:
         from rewardtune.finetune.algorithms import check_algorithm
@@ -207,6 +268,8 @@ class RunConfig:
         require(not (self.fsdp and self.lora_rank), "fsdp",
                 "false with LoRA (FSDP shards full finetuning; adapters are small): set lora_rank=null or fsdp=false",
                 self.fsdp)
+        require(not (self.fsdp and self.train.dense.kind not in ("none", "x0")), "fsdp",
+                "false with train.dense.kind implicit or progress (their extra models are not sharded)", self.fsdp)
         require(not (self.fsdp and self.mixed_precision == "fp16"), "fsdp",
                 "false with mixed_precision=fp16 (use bf16 with FSDP)", self.fsdp)
         require(self.log_with in (None, "none", "tensorboard", "wandb"), "log_with",

@@ -52,8 +52,9 @@ def prdp_loss(log_probs: torch.Tensor, log_probs_old: torch.Tensor, log_probs_re
 
 def ddpo_loss(log_probs: torch.Tensor, log_probs_old: torch.Tensor, advantages: torch.Tensor,
               clip_range: float) -> torch.Tensor:
-    """DDPO's per-step PPO-clip loss: ``mean(max(-A * rho, -A * clip(rho, 1-eps, 1+eps)))`` with
-    ``rho = exp(log p_theta - log p_old)``; log-probs ``[N,T]`` (or ``[N]`` for one step), advantages ``[N]``."""
+    """DDPO's per-step PPO-clip loss: ``mean_{i,t}(max(-A_it * rho_it, -A_it * clip(rho_it, 1-eps, 1+eps)))`` with
+    ``rho_it = exp(log p_theta - log p_old)``; log-probs ``[N,T]`` (or ``[N]`` for one step), advantages ``[N]`` (one
+    per sample, ``A_it = A_i`` for every step) or ``[N,T]`` (per step, dense advantages)."""
     ratio = torch.exp(log_probs - log_probs_old.detach())
     adv = advantages.reshape(advantages.shape + (1,) * (ratio.ndim - advantages.ndim))
     unclipped = -adv * ratio
@@ -74,7 +75,7 @@ def grpo_loss(log_probs: torch.Tensor, log_probs_old: torch.Tensor, log_probs_re
               advantages: torch.Tensor, clip_range: float, kl_beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """GRPO's per-step loss: DDPO's PPO-clip on group-relative advantages plus a KL penalty to the reference.
 
-    ``loss = mean_{i,t}(max(-A_i * rho_it, -A_i * clip(rho_it, 1-eps, 1+eps))) + kl_beta * mean_{i,t}(k3_it)``
+    ``loss = mean_{i,t}(max(-A_it * rho_it, -A_it * clip(rho_it, 1-eps, 1+eps))) + kl_beta * mean_{i,t}(k3_it)``
 
     with ``rho_it = exp(l_it - l_old_it)`` and ``k3_it = exp(l_ref_it - l_it) - (l_ref_it - l_it) - 1`` (the GRPO
     paper's estimator of ``KL(pi_theta || pi_ref)``, see :func:`kl_k3`), evaluated on the sampled transitions.
@@ -83,7 +84,7 @@ def grpo_loss(log_probs: torch.Tensor, log_probs_old: torch.Tensor, log_probs_re
         log_probs: ``[N,T]`` (or ``[N]``) per-step log-probs of the recorded transitions under the current model.
         log_probs_old: ``[N,T]`` the same under the snapshot that sampled them (detached).
         log_probs_ref: ``[N,T]`` the same under the reference model (detached).
-        advantages: ``[N]`` one per sample, broadcast over its steps.
+        advantages: ``[N]`` one per sample, broadcast over its steps (``A_it = A_i``), or ``[N,T]`` one per step.
         clip_range: the PPO band ``eps`` on the ratio; kl_beta: the KL weight (0: no KL term at all).
 
     Returns:

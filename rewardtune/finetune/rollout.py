@@ -46,6 +46,8 @@ class Rollouts:
     negative_embeds: one row, or None without CFG.
     rewards: ``[S]`` (on the latents' device). reward_components: ``{name: [S]}``.
     images: ``[S,3,H,W]`` in [0,1], on the CPU. seeds: ``[S]``. family: the scheduler family that sampled them.
+    x0_predictions: ``[S,T,C,h,w]`` (collected with ``keep_x0``) or None: at step ``t`` the clean latent predicted
+    from ``latents[:, t]`` (the state before the step), for dense ``x0`` step rewards.
     """
 
     prompts: list[str]
@@ -62,6 +64,7 @@ class Rollouts:
     images_per_prompt: int
     reward_components: dict[str, torch.Tensor] = field(default_factory=dict)
     family: str = "ddim"
+    x0_predictions: torch.Tensor | None = None
 
     @property
     def num_samples(self) -> int:
@@ -146,7 +149,7 @@ def _concat_components(parts: list[dict[str, torch.Tensor]], device) -> dict[str
 
 @torch.no_grad()
 def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: SamplingConfig, reward: Callable,
-                     seeds: int | Sequence[int], reference: Reference = None) -> Rollouts:
+                     seeds: int | Sequence[int], reference: Reference = None, keep_x0: bool = False) -> Rollouts:
     """Sample ``B = images_per_prompt`` trajectories per prompt with the pipeline's denoiser (the snapshot) and score
     them.
 
@@ -155,6 +158,7 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
         reward: ``reward(images [b,3,H,W] in [0,1], prompts) -> [b]`` (e.g. ``load_reward(spec)``).
         seeds: one per sample (``N*B``, group-major) or an int ``s`` meaning ``s, s+1, ...``.
         reference: see the module docstring.
+        keep_x0: also keep each step's predicted clean latent (``Rollouts.x0_predictions``).
 
     Sampling runs through :func:`rewardtune.diffusion.service.generate_batches` in chunks of ``cfg.batch_size``
     samples, each scored as it finishes.
@@ -169,10 +173,12 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
         raise ValueError(f"need one seed per sample: {len(prompts)} prompts x {images_per_prompt} = {total}, "
                          f"got {len(seeds)}")
     device = denoiser(pipe).device
-    latents, log_probs, rewards, images, components = [], [], [], [], []
-    for part in generate_batches(pipe, prompts, seeds, cfg, per_prompt=images_per_prompt, keep_trajectories=True):
+    latents, log_probs, rewards, images, components, x0s = [], [], [], [], [], []
+    for part in generate_batches(pipe, prompts, seeds, cfg, per_prompt=images_per_prompt, keep_trajectories=True,
+                                 keep_x0=keep_x0):
         scores, parts = _score(reward, part.images, [prompts[int(g)] for g in part.group.tolist()])
         latents.append(part.trajectory.latents)
+        x0s.append(part.trajectory.x0_predictions)
         log_probs.append(part.trajectory.log_probs)
         rewards.append(scores.to(device))
         images.append(part.images)
@@ -184,7 +190,8 @@ def collect_rollouts(pipe, prompts: Sequence[str], images_per_prompt: int, cfg: 
         timesteps=part.trajectory.timesteps, log_probs_old=log_probs_old, log_probs_ref=log_probs_old,
         prompt_embeds=part.prompt_embeds, negative_embeds=part.negative_embeds, rewards=torch.cat(rewards),
         images=torch.cat(images), seeds=seeds, images_per_prompt=images_per_prompt,
-        reward_components=_concat_components(components, device), family=family_of(pipe, cfg.scheduler))
+        reward_components=_concat_components(components, device), family=family_of(pipe, cfg.scheduler),
+        x0_predictions=torch.cat(x0s) if keep_x0 else None)
     rollouts.log_probs_ref = reference_log_probs(denoiser(pipe), pipe.scheduler, rollouts, reference, cfg)
     bad = int((~torch.isfinite(rollouts.rewards)).sum())
     if bad:

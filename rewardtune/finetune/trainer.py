@@ -63,6 +63,7 @@ from rewardtune.utils import fsdp
 
 if TYPE_CHECKING:
     from rewardtune.finetune.algorithms import Algorithm
+    from rewardtune.finetune.dense import DenseAdvantages
     from rewardtune.finetune.rollout import Reference, Rollouts
     from rewardtune.finetune.run import RunPlan
 
@@ -104,13 +105,15 @@ def local_config(cfg: FinetuneConfig, num_processes: int) -> FinetuneConfig:
 
 
 class TimedReward:
-    """Wraps a reward and adds up the seconds spent in its calls (to split sampling from scoring time)."""
+    """Wraps a reward and adds up the seconds spent in its calls (to split sampling from scoring time) and the
+    images it scored (``queries``: one reward query per image)."""
 
     def __init__(self, reward) -> None:
-        self.reward, self.seconds = reward, 0.0
+        self.reward, self.seconds, self.queries = reward, 0.0, 0
 
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         start = time.perf_counter()
+        self.queries += len(images)
         try:
             return self.reward(images, prompts)
         finally:
@@ -129,9 +132,11 @@ class TimedReward:
 class Trainer:
     """The live objects of one run and its steps. ``unet`` is the trained denoiser (SD's UNet or SD3's transformer)
     as prepared by accelerate (maybe DDP-wrapped; :meth:`bare` is the pipeline's own); ``reference`` the model of
-    PRDP's log-ratios (see :mod:`rewardtune.finetune.rollout`); ``sharded``: the denoiser is FSDP-sharded over the
-    processes (:mod:`rewardtune.utils.fsdp`), so every process takes part in each of its forward passes (grids and
-    held-out scores included; only the main process writes) and checkpoints."""
+    PRDP's log-ratios (see :mod:`rewardtune.finetune.rollout`); ``dense`` the per-step advantages of ``train.dense``
+    (None: outcome only); ``reward_queries`` the training reward's queries so far (outcome, dense ``x0`` and Monte
+    Carlo ones; evaluation, held-out and gold scoring are measurements and not counted); ``sharded``: the denoiser
+    is FSDP-sharded over the processes (:mod:`rewardtune.utils.fsdp`), so every process takes part in each of its
+    forward passes (grids and held-out scores included; only the main process writes) and checkpoints."""
 
     cfg: RunConfig
     plan: RunPlan
@@ -145,6 +150,8 @@ class Trainer:
     out: Path
     evals: EvalSet
     trackers: Trackers
+    dense: DenseAdvantages | None = None
+    reward_queries: int = 0
     sharded: bool = False
 
     @classmethod
@@ -162,14 +169,16 @@ class Trainer:
         for part in backbone.frozen_parts(pipe):
             part.requires_grad_(False)
         reference = _add_trainable(pipe, cfg)
+        algorithm = make_algorithm(cfg.train)
+        dense = _make_dense(cfg, algorithm, backbone.denoiser(pipe), accelerator.num_processes)
         sharded = fsdp.fsdp_requested(accelerator, cfg.fsdp)
         unet, optimizer = _prepare_denoiser(backbone.denoiser(pipe), backbone, cfg, accelerator, sharded)
         reward = load_reward(cfg.train.reward, device=device).to(device).eval()
         gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
         out = Path(cfg.output_dir)
-        return cls(cfg, plan, accelerator, pipe, unet, optimizer, make_algorithm(cfg.train), reference,
+        return cls(cfg, plan, accelerator, pipe, unet, optimizer, algorithm, reference,
                    Scorers(reward, gold), out, EvalSet(cfg.eval_prompts, cfg.eval_seeds),
-                   Trackers(cfg, accelerator, out), sharded=sharded)
+                   Trackers(cfg, accelerator, out), dense, sharded=sharded)
 
     @property
     def bare(self) -> torch.nn.Module:
@@ -185,11 +194,14 @@ class Trainer:
         from rewardtune.finetune.update import apply_optim_config
 
         candidates = resume_candidates(self.cfg.resume, self.out)
-        start = 0
+        start, extra = 0, {}
         if candidates and self.sharded:
-            start, _ = load_sharded_checkpoint(candidates, self.unet, self.optimizer, self.algorithm)
+            start, extra = load_sharded_checkpoint(candidates, self.unet, self.optimizer, self.algorithm)
         elif candidates:
-            start = load_checkpoint(candidates, self.bare, self.optimizer, self.algorithm)
+            start, extra = load_checkpoint(candidates, self.bare, self.optimizer, self.algorithm)
+        self.reward_queries = int(extra.get("reward_queries", 0))
+        if self.dense is not None and "dense" in extra:
+            self.dense.load_state_dict(extra["dense"])
         apply_optim_config(self.optimizer, self.cfg.train.optim)  # the restored state holds the old settings
         return start
 
@@ -205,23 +217,43 @@ class Trainer:
         prompts = prompts[acc.process_index * n:(acc.process_index + 1) * n]
         seeds = seeds[acc.process_index * n * b:(acc.process_index + 1) * n * b]
         reward, start = TimedReward(self.scorers.reward), time.perf_counter()
+        dense = self.dense
+        uses_reference = self.algorithm.uses_reference or (dense is not None and dense.needs_reference)
         rollouts = collect_rollouts(self.pipe, prompts, b, train.sampling, reward, seeds,
-                                    reference=epoch_reference(epoch, self.reference, self.algorithm.uses_reference))
+                                    reference=epoch_reference(epoch, self.reference, uses_reference),
+                                    keep_x0=dense is not None and dense.needs_x0)
         gold = TimedReward(self.scorers.gold) if self.scorers.gold is not None else None
         gold_scores = gold(rollouts.images.to(gold.device), rollouts.prompts) if gold else None
         gold_components = dict(gold.components) if gold else {}  # before held-out scoring overwrites them
         sampled = time.perf_counter()
-        update = self.update(rollouts, local, generator, epoch)
-        updated = time.perf_counter()
         reward_seconds = reward.seconds + (gold.seconds if gold else 0.0)
+        targets, dense_metrics = self.dense_targets(rollouts, reward)
+        densed = time.perf_counter()
+        update = self.update(rollouts, local, generator, epoch, targets)
+        updated = time.perf_counter()
         seconds = {"sampling": sampled - start - reward_seconds, "reward": reward_seconds,
-                   "update": updated - sampled}
+                   **({"dense": densed - sampled} if dense is not None else {}), "update": updated - densed}
         heldout = {}
         if self.plan.heldout and (self.main or self.sharded):
             heldout = score_heldout(self.pipe, self.scorers, self.plan.heldout, train.sampling)
-        return epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
+        record = epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
+        self.reward_queries += reward.queries * acc.num_processes  # every process scores an equal share
+        record.update(reward_queries=self.reward_queries, reward_queries_epoch=reward.queries * acc.num_processes,
+                      **dense_metrics)
+        return record
 
-    def update(self, rollouts: Rollouts, local: FinetuneConfig, generator: torch.Generator, epoch: int) -> dict:
+    def dense_targets(self, rollouts: Rollouts, reward: TimedReward) -> tuple[torch.Tensor | None, dict]:
+        """Per-step advantages ``[S,T]`` of ``train.dense`` (and their metrics); (None, {}) without a dense kind,
+        when the algorithm computes its own targets in the update."""
+        from rewardtune.finetune.dense import DenseContext
+
+        if self.dense is None:
+            return None, {}
+        outcome = self.algorithm.targets(rollouts)
+        return self.dense(rollouts, outcome, DenseContext(self.pipe, reward, self.cfg.train, self.reference))
+
+    def update(self, rollouts: Rollouts, local: FinetuneConfig, generator: torch.Generator, epoch: int,
+               targets: torch.Tensor | None = None) -> dict:
         """K passes of gradient steps; a divergence stops the run with one line naming the last good checkpoint."""
         from rewardtune.finetune.update import DivergedError, update_epoch
 
@@ -229,7 +261,8 @@ class Trainer:
         try:
             return update_epoch(self.unet, self.optimizer, rollouts, local, self.algorithm,
                                 scheduler=self.pipe.scheduler, generator=generator, backward=acc.backward,
-                                clip_grad_norm=clip_sharded_grad_norm if self.sharded else acc.clip_grad_norm_)
+                                clip_grad_norm=clip_sharded_grad_norm if self.sharded else acc.clip_grad_norm_,
+                                targets=targets)
         except DivergedError as exc:
             kept = list_checkpoints(self.out)
             last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -260,11 +293,14 @@ class Trainer:
         """Checkpoint ``done`` epochs, then evaluate that model (held-out scores reused from the epoch's record)."""
         acc = self.accelerator
         acc.wait_for_everyone()
+        extra = {"reward_queries": self.reward_queries}
+        if self.dense is not None:
+            extra["dense"] = self.dense.state_dict()
         if self.sharded:
             save_sharded_checkpoint(self.out, done, self.unet, self.optimizer, self.algorithm, self.cfg.keep_last,
-                                    acc.wait_for_everyone, self.main)
+                                    acc.wait_for_everyone, self.main, extra)
         elif self.main:
-            save_checkpoint(self.out, done, self.bare, self.optimizer, self.algorithm, self.cfg.keep_last)
+            save_checkpoint(self.out, done, self.bare, self.optimizer, self.algorithm, self.cfg.keep_last, extra)
         if self.main or self.sharded:
             self.evaluate(done, {k: record[k] for k in HELDOUT_KEYS if k in record})
 
@@ -307,6 +343,18 @@ class Trainer:
             raise
         self.trackers.stop()
         return summary
+
+
+def _make_dense(cfg: RunConfig, algorithm: Algorithm, model: torch.nn.Module, processes: int
+                ) -> DenseAdvantages | None:
+    """The run's dense advantages (:func:`rewardtune.finetune.dense.make_dense`), built from the denoiser before
+    any update (PRIME's implicit PRM starts as a copy of it)."""
+    from rewardtune.finetune.dense import make_dense
+
+    if cfg.train.dense.kind == "implicit" and processes > 1:
+        raise UserError("train.dense.kind=implicit (PRIME) runs in one process: its implicit PRM is not "
+                        "synchronised across processes; launch without accelerate or pick another dense kind")
+    return make_dense(cfg.train, algorithm, model)
 
 
 def _prepare_denoiser(model: torch.nn.Module, backbone, cfg: RunConfig, accelerator, sharded: bool

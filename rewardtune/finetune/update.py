@@ -104,7 +104,7 @@ class StepContext:
     clip_grad_norm: Callable
 
 
-def _loss_and_backward(ctx: StepContext, rollouts: Rollouts, batch: Minibatch, loss_fn: Callable
+def loss_and_backward(ctx: StepContext, rollouts: Rollouts, batch: Minibatch, loss_fn: Callable
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Loss of ``batch`` and, if it is finite, its gradient in the parameters' ``.grad``.
 
@@ -144,9 +144,9 @@ def gradient_step(ctx: StepContext, rollouts: Rollouts, batch: Minibatch, target
     device = rollouts.log_probs_old.device
     rows, cols = batch.index[:, None].to(device), batch.steps.to(device)
     old, ref = rollouts.log_probs_old[rows, cols], rollouts.log_probs_ref[rows, cols]
-    batch_targets = targets.to(device)[batch.index.to(device)]
+    batch_targets = targets.to(device)[rows, cols] if targets.ndim == 2 else targets.to(device)[batch.index.to(device)]
     optimizer.zero_grad(set_to_none=True)
-    loss, clipfrac, log_probs = _loss_and_backward(
+    loss, clipfrac, log_probs = loss_and_backward(
         ctx, rollouts, batch, lambda lp: algorithm.loss(lp, old, ref, batch_targets))
     approx_kl = 0.5 * ((log_probs - old) ** 2).mean()
     record = {"loss": loss.item(), "clipfrac": clipfrac.item(), "approx_kl": approx_kl.item(),
@@ -191,7 +191,7 @@ def check_finite_state(optimizer: torch.optim.Optimizer) -> None:
 
 def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algorithm: Algorithm, *, scheduler,
                  generator: torch.Generator | None = None, backward: Callable | None = None,
-                 clip_grad_norm: Callable | None = None) -> dict[str, float]:
+                 clip_grad_norm: Callable | None = None, targets: torch.Tensor | None = None) -> dict[str, float]:
     """K passes of gradient steps over one epoch's rollouts (Algorithm 1's inner loop).
 
     Args:
@@ -202,12 +202,16 @@ def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algor
         scheduler: the DDIM scheduler that sampled ``rollouts``.
         generator: CPU generator for the minibatch shuffles (default: seeded with ``cfg.seed``).
         backward, clip_grad_norm: hooks, e.g. ``accelerator.backward`` and ``accelerator.clip_grad_norm_``.
+        targets: the epoch's targets if already computed: ``[N*B]``, or per-step ``[N*B,T]`` (dense advantages of
+            :mod:`rewardtune.finetune.dense`; a minibatch then takes ``targets[i, t]`` of its sampled steps).
 
     Returns:
         Means over applied steps of ``loss``, ``clipfrac``, ``approx_kl``, ``grad_norm``; counts ``steps``
-        (applied) and ``skipped`` (non-finite loss or gradient); ``nonfinite_targets``.
+        (applied) and ``skipped`` (non-finite loss or gradient); ``nonfinite_targets`` (samples with any non-finite
+        target).
 
-    The algorithm's targets are computed once per call (this updates DDPO's stat tracker): call it once per epoch.
+    Without ``targets`` the algorithm's targets are computed once per call (this updates DDPO's stat tracker): call it
+    once per epoch.
     """
     if (rollouts.num_groups, rollouts.images_per_prompt) != (cfg.prompts_per_epoch, cfg.images_per_prompt):
         raise ValueError(f"rollouts hold {rollouts.num_groups} prompts x {rollouts.images_per_prompt} images but "
@@ -216,12 +220,13 @@ def update_epoch(unet, optimizer, rollouts: Rollouts, cfg: FinetuneConfig, algor
     generator = generator or torch.Generator().manual_seed(cfg.seed)
     backward = backward or (lambda loss: loss.backward())
     clip_grad_norm = clip_grad_norm or torch.nn.utils.clip_grad_norm_
-    targets = algorithm.targets(rollouts)
+    targets = algorithm.targets(rollouts) if targets is None else targets
     passes = plan_minibatches(rollouts.num_groups, rollouts.images_per_prompt, rollouts.num_steps, cfg,
                               algorithm.whole_groups, generator)
     ctx = StepContext(unet, optimizer, scheduler, cfg, algorithm, backward, clip_grad_norm)
     records = [gradient_step(ctx, rollouts, batch, targets) for minibatches in passes for batch in minibatches]
-    return summarise(records, nonfinite_targets=int((~torch.isfinite(targets)).sum()))
+    bad = ~torch.isfinite(targets)
+    return summarise(records, nonfinite_targets=int((bad.reshape(len(bad), -1).any(1)).sum()))
 
 
 def summarise(records: list[dict[str, float]], nonfinite_targets: int = 0) -> dict[str, float]:

@@ -32,6 +32,8 @@ TASKS = ("door", "pour")
 PHASES = 3
 TRUE_STEPS = {"door": {2: [[0, 1], [2]], 3: [[0], [1], [2]]},      # 2 steps: grasp the handle | open the door
               "pour": {2: [[0], [1, 2]], 3: [[0], [1], [2]]}}      # 2 steps: bring the bottle | pour and leave
+# An arguable alternative: pour's 2 steps as "bring and pour | take the bottle away" (reported beside the truth)
+ALT_STEPS = {"pour": {2: [[0, 1], [2]]}}
 
 
 @dataclass
@@ -41,9 +43,11 @@ class Rollout:
     progress: np.ndarray
     kind: str = "expert"
 
-    def steps(self, task: str, n_steps: int) -> np.ndarray:
-        """``[T]`` true step index at ``n_steps`` granularity (-1 outside the task)."""
-        mapping = {p: k for k, group in enumerate(TRUE_STEPS[task][n_steps]) for p in group}
+    def steps(self, task: str, n_steps: int, alternative: bool = False) -> np.ndarray:
+        """``[T]`` true step index at ``n_steps`` granularity (-1 outside the task); ``alternative``: the
+        :data:`ALT_STEPS` grouping instead of :data:`TRUE_STEPS`."""
+        groups = (ALT_STEPS if alternative else TRUE_STEPS)[task][n_steps]
+        mapping = {p: k for k, group in enumerate(groups) for p in group}
         return np.array([mapping.get(int(p), -1) for p in self.phase])
 
 
@@ -103,45 +107,81 @@ def _style(rng: np.random.Generator, size: int, colour_jitter: float = 0.08) -> 
             "jitter": rng.uniform(-3, 3, 4)}
 
 
-def _draw_door(canvas: Canvas, p: float, style: dict, hand: tuple[float, float] | None) -> None:
-    s, (c_door, c_hand, c_handle, c_frame, _) = canvas.w / 64, style["colours"]
-    x0, y0, x1, y1 = (18 + style["jitter"][0]) * s, 6 * s, (46 + style["jitter"][0]) * s, 60 * s
-    turn, swing = _smooth(3 * p - 1), _smooth(3 * p - 2)
-    canvas.rect(x0 - 2 * s, y0 - 2 * s, x1 + 2 * s, y1, c_frame)
-    canvas.rect(x0, y0, x1, y1, np.array([0.05, 0.05, 0.07]))
+def door_handle(style: dict, s: float, turn: float, swing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Door geometry in pixels (``s`` = pixels per unit of the 64-px layout): the handle's pivot and tip."""
+    x0, x1 = (18 + style["jitter"][0]) * s, (46 + style["jitter"][0]) * s
     right = x1 - (x1 - x0) * 0.78 * swing
-    canvas.rect(x0, y0, right, y1, c_door)
     pivot = np.array([right - 3 * s, (30 + style["jitter"][1]) * s])
     angle, length = turn * 1.0, 11 * s * (1 - 0.6 * swing)          # a lever handle turned down by up to 1 rad
-    tip = pivot + length * np.array([-np.cos(angle), np.sin(angle)])
-    canvas.bar(*(pivot + tip) / 2, length, 2.5 * s, -angle, c_handle)
+    return pivot, pivot + length * np.array([-np.cos(angle), np.sin(angle)])
+
+
+def hand_start(style: dict, s: float) -> np.ndarray:
+    return np.array([(4 + style["jitter"][2]) * s, (58 + style["jitter"][3]) * s])
+
+
+def draw_door_state(canvas: Canvas, style: dict, hand: np.ndarray, turn: float, swing: float) -> None:
+    """The door scene with the handle turned by ``turn`` and the door swung open by ``swing`` (both in [0,1])."""
+    s, (c_door, c_hand, c_handle, c_frame, _) = canvas.w / 64, style["colours"]
+    x0, y0, x1, y1 = (18 + style["jitter"][0]) * s, 6 * s, (46 + style["jitter"][0]) * s, 60 * s
+    canvas.rect(x0 - 2 * s, y0 - 2 * s, x1 + 2 * s, y1, c_frame)
+    canvas.rect(x0, y0, x1, y1, np.array([0.05, 0.05, 0.07]))
+    canvas.rect(x0, y0, x1 - (x1 - x0) * 0.78 * swing, y1, c_door)
+    pivot, tip = door_handle(style, s, turn, swing)
+    canvas.bar(*(pivot + tip) / 2, 11 * s * (1 - 0.6 * swing), 2.5 * s, -turn * 1.0, c_handle)
     canvas.disc(*pivot, 2 * s, c_handle)
-    start = np.array([(4 + style["jitter"][2]) * s, (58 + style["jitter"][3]) * s])
+    canvas.segment((-6 * s, 74 * s), hand, 7 * s, c_hand * 0.8)          # the arm, from outside the picture
+    canvas.disc(hand[0], hand[1], 4.5 * s, c_hand)
+
+
+def _draw_door(canvas: Canvas, p: float, style: dict, hand: tuple[float, float] | None) -> None:
+    s = canvas.w / 64
+    turn, swing = _smooth(3 * p - 1), _smooth(3 * p - 2)
+    tip = door_handle(style, s, turn, swing)[1]
+    start = hand_start(style, s)
     pos = hand if hand is not None else start + (tip + [0, 3 * s] - start) * _smooth(3 * p)
-    canvas.segment((-6 * s, 74 * s), pos, 7 * s, c_hand * 0.8)          # the arm, from outside the picture
-    canvas.disc(pos[0], pos[1], 4.5 * s, c_hand)
+    draw_door_state(canvas, style, np.asarray(pos), turn, swing)
+
+
+def glass_box(style: dict, s: float) -> tuple[float, float, float, float]:
+    """The glass's ``(x0, x1, y0, y1)`` in pixels."""
+    return (38 + style["jitter"][0]) * s, (54 + style["jitter"][0]) * s, 30 * s, 52 * s
+
+
+def bottle_places(style: dict, s: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The bottle's start, pouring place (above the glass's left rim) and final place, in pixels."""
+    gx0 = glass_box(style, s)[0]
+    return (np.array([(8 + style["jitter"][2]) * s, (20 + style["jitter"][3]) * s]), np.array([gx0 - 2 * s, 16 * s]),
+            np.array([(10 - style["jitter"][2]) * s, (12 + style["jitter"][1]) * s]))
+
+
+def draw_pour_state(canvas: Canvas, style: dict, bottle: np.ndarray, tilt: float, level: float,
+                    stream: float | None) -> None:
+    """The pouring scene: bottle centre ``bottle``, tilt in [0,1] (1 = 0.45 pi from upright), glass filled to
+    ``level`` in [0, 0.85], and a stream of liquid (2 units wide, left edge at x = ``stream`` px) unless None."""
+    s, (c_table, _, c_bottle, c_glass, c_liquid) = canvas.w / 64, style["colours"]
+    canvas.rect(0, 52 * s, canvas.w, canvas.h, c_table)
+    gx0, gx1, gy0, gy1 = glass_box(style, s)
+    canvas.rect(gx0, gy0, gx1, gy1, c_glass)
+    canvas.rect(gx0 + 1.5 * s, gy0, gx1 - 1.5 * s, gy1 - 1.5 * s, np.clip(c_glass * 0.5 + 0.4, 0, 1))
+    canvas.rect(gx0 + 1.5 * s, gy1 - 1.5 * s - level * (gy1 - gy0 - 3 * s), gx1 - 1.5 * s, gy1 - 1.5 * s, c_liquid)
+    canvas.segment((-6 * s, 74 * s), bottle, 7 * s, np.array([0.93, 0.72, 0.60]) * 0.8)   # the arm holding it
+    canvas.bar(bottle[0], bottle[1], 16 * s, 7 * s, np.pi / 2 - tilt * 0.45 * np.pi, c_bottle)
+    if stream is not None:
+        canvas.rect(stream, bottle[1], stream + 2 * s, gy1 - 2 * s, c_liquid)
 
 
 def _draw_pour(canvas: Canvas, p: float, style: dict, hand: tuple[float, float] | None) -> None:
-    s, (c_table, _, c_bottle, c_glass, c_liquid) = canvas.w / 64, style["colours"]
+    s = canvas.w / 64
     tilt, leave = _smooth(3 * p - 1), _smooth(3 * p - 2)
-    canvas.rect(0, 52 * s, canvas.w, canvas.h, c_table)
-    gx0, gx1, gy0, gy1 = (38 + style["jitter"][0]) * s, (54 + style["jitter"][0]) * s, 30 * s, 52 * s
-    canvas.rect(gx0, gy0, gx1, gy1, c_glass)
-    canvas.rect(gx0 + 1.5 * s, gy0, gx1 - 1.5 * s, gy1 - 1.5 * s, np.clip(c_glass * 0.5 + 0.4, 0, 1))
     level = 0.85 * _smooth((3 * p - 1.2) / 0.8)
-    canvas.rect(gx0 + 1.5 * s, gy1 - 1.5 * s - level * (gy1 - gy0 - 3 * s), gx1 - 1.5 * s, gy1 - 1.5 * s, c_liquid)
-    start = np.array([(8 + style["jitter"][2]) * s, (20 + style["jitter"][3]) * s])
-    above = np.array([gx0 - 2 * s, 16 * s])
-    away = np.array([(10 - style["jitter"][2]) * s, (12 + style["jitter"][1]) * s])
+    start, above, away = bottle_places(style, s)
     pos = start + (above - start) * _smooth(3 * p) + (away - above) * leave
     if hand is not None:
         pos = np.asarray(hand)
-    angle = np.pi / 2 - tilt * (1 - leave) * 0.45 * np.pi
-    canvas.segment((-6 * s, 74 * s), pos, 7 * s, np.array([0.93, 0.72, 0.60]) * 0.8)   # the arm holding it
-    canvas.bar(pos[0], pos[1], 16 * s, 7 * s, angle, c_bottle)
-    if 0.15 < tilt * (1 - leave) and level < 0.85 and 3 * p < 2.05:
-        canvas.rect(gx0 + 5 * s, pos[1], gx0 + 7 * s, gy1 - 2 * s, c_liquid)
+    pouring = 0.15 < tilt * (1 - leave) and level < 0.85 and 3 * p < 2.05
+    draw_pour_state(canvas, style, pos, float(tilt * (1 - leave)), float(level),
+                    glass_box(style, s)[0] + 5 * s if pouring else None)
 
 
 DRAW = {"door": _draw_door, "pour": _draw_pour}
@@ -151,6 +191,12 @@ def _expert_progress(rng: np.random.Generator, frames_per_phase: tuple[int, int]
     """Progress over time: each phase takes a random number of frames (speed variety), then 2-6 still frames."""
     parts = [(k + np.arange(n) / n) / PHASES for k, n in enumerate(rng.integers(*frames_per_phase, size=PHASES))]
     return np.concatenate(parts + [np.ones(int(rng.integers(2, 7)))])
+
+
+def finish_frame(canvas: Canvas, style: dict, rng: np.random.Generator, noise: float) -> np.ndarray:
+    """Lighting and pixel noise on a drawn canvas -> uint8 ``[H,W,3]``."""
+    image = canvas.img * style["light"] + rng.normal(0, noise, canvas.img.shape)
+    return np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8)
 
 
 def procedural_rollout(task: str, seed: int, kind: str = "expert", size: int = 64,
@@ -175,8 +221,7 @@ def procedural_rollout(task: str, seed: int, kind: str = "expert", size: int = 6
     for p, hand in zip(progress, hands):
         canvas = Canvas(style["background"])
         DRAW[task](canvas, float(p), style, hand)
-        image = canvas.img * style["light"] + rng.normal(0, noise, canvas.img.shape)
-        frames.append(np.clip(image * 255 + 0.5, 0, 255).astype(np.uint8))
+        frames.append(finish_frame(canvas, style, rng, noise))
     phase = np.minimum((progress * PHASES).astype(int), PHASES - 1)
     if kind == "random":
         phase = np.full(len(progress), -1)
@@ -287,6 +332,7 @@ def write_demos(task: str, folder: str | Path, count: int, seed: int = 0, kind: 
     return paths
 
 
-__all__ = ["Rollout", "TASKS", "DEMO_TASKS", "KINDS", "FORMATS", "write_demos", "demo_rollout", "require_gymnasium",
+__all__ = ["Rollout", "TASKS", "ALT_STEPS",
+           "DEMO_TASKS", "KINDS", "FORMATS", "write_demos", "demo_rollout", "require_gymnasium",
            "TRUE_STEPS", "procedural_rollout", "mountaincar_rollout", "make_mountaincar",
            "mountaincar_position_frames", "resize_frame"]

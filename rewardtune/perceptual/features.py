@@ -16,6 +16,8 @@ Extractors (name: features):
 - ``random-cnn``: a seeded random ReLU convnet (4 stride-2 conv layers); channel means of every layer plus a 4x4 grid
   of the last
 - ``pixels``: the frame resized (antialiased) to ``size x size``, values in [0,1]
+- ``time-contrastive``: a small convnet trained on the task's own demos by a single-view time-contrastive triplet
+  loss (:mod:`rewardtune.perceptual.tcn`); ``fit(videos)`` trains it, its weights travel in the reward file
 
 Heavy libraries (torchvision models, open_clip, transformers) are imported only by the extractor that needs them.
 Raw Inception activations are ~10 MB per frame in float32: fit them on few, short demos (or use ``pooled=True``).
@@ -62,6 +64,7 @@ class FeatureExtractor:
     """Base class: subclasses implement :meth:`features` on float ``[B,3,H,W]`` in [0,1] batches."""
 
     name = "extractor"
+    needs_training = False      # True: call fit(videos) before embed (time-contrastive)
 
     def __init__(self, batch_size: int = 32, **options: Any) -> None:
         if batch_size < 1:
@@ -102,6 +105,18 @@ class FeatureExtractor:
     def spec(self) -> dict[str, Any]:
         """``{"name": ..., "options": {...}}``: enough to rebuild this extractor with :func:`load_extractor`."""
         return {"name": self.name, "options": dict(self.options)}
+
+    def fit(self, videos) -> "FeatureExtractor":
+        """Learn from demo videos (only extractors with ``needs_training``); fixed extractors return themselves."""
+        return self
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Learned weights that :meth:`spec` cannot rebuild (saved in the reward file); none for fixed ones."""
+        return {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        if tensors:
+            raise UserError(f"feature extractor {self.name!r} has no learned weights to load")
 
 
 class PixelFeatures(FeatureExtractor):
@@ -286,6 +301,15 @@ class ShapesClipFeatures(FeatureExtractor):
 EXTRACTORS: Registry[Callable[..., FeatureExtractor]] = Registry("feature extractor")
 for _cls in (InceptionFeatures, OpenClipFeatures, ShapesClipFeatures, RandomCNNFeatures, PixelFeatures):
     EXTRACTORS.register(_cls.name, _cls)
+
+
+def _time_contrastive(**options: Any) -> FeatureExtractor:
+    from rewardtune.perceptual.tcn import TimeContrastiveFeatures
+
+    return TimeContrastiveFeatures(**options)
+
+
+EXTRACTORS.register("time-contrastive", _time_contrastive)
 
 
 def load_extractor(name: str, options: dict[str, Any] | None = None, **more: Any) -> FeatureExtractor:

@@ -63,5 +63,14 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
 
 
-__all__ = ["jaccard", "step_jaccards", "ordered_random_labels", "ordered_random_jaccards",
+def progress_spearman(totals, progress) -> float:
+    """Spearman of the total reward with true progress, pooled over the frames of several rollouts
+    (lists of ``[T_i]`` arrays, paired): the reward-tracks-progress metric."""
+    if len(totals) != len(progress) or any(len(a) != len(b) for a, b in zip(totals, progress)):
+        raise ValueError("totals and progress must be paired rollouts of equal lengths")
+    return spearman(np.concatenate([np.asarray(t, np.float64) for t in totals]),
+                    np.concatenate([np.asarray(p, np.float64) for p in progress]))
+
+
+__all__ = ["progress_spearman", "jaccard", "step_jaccards", "ordered_random_labels", "ordered_random_jaccards",
            "random_detector_jaccards", "spearman"]

@@ -1,4 +1,12 @@
-"""Episodic policy search on MountainCar with a learned perceptual reward or the environment's own reward.
+"""Episodic policy search with a learned perceptual reward or a true reward: generic CEM
+(:func:`cross_entropy_method`, used for the procedural door/pour controllers of :mod:`.control`) and PI^2 / CEM
+on MountainCar (:func:`policy_search`).
+
+Generic CEM: each iteration samples ``K`` parameter vectors ``theta_k ~ N(mu, diag(sigma^2))``, scores each by
+``objective(theta_k, episode_seed)`` and refits ``mu`` and ``sigma`` to the best ``ceil(elite * K)`` (at least 2;
+ties keep the earlier sample), ``sigma`` floored at ``min_std``.
+
+MountainCar:
 
 The paper trains its robot with PI^2 (11 iterations x 10 sampled trajectories). Here the policy is linear in
 normalised state features and bang-bang: ``a = 2 (push right) if theta . [1, x~, v~] >= 0 else 0 (push left)``
@@ -82,6 +90,36 @@ def tabulate_position_reward(score: Callable[[np.ndarray], np.ndarray], size: tu
 
 
 @dataclass
+class CemResult:
+    means: list[np.ndarray] = field(default_factory=list)    # mu after every iteration
+    best_returns: list[float] = field(default_factory=list)  # best sampled return of every iteration
+
+
+def cem_update(thetas: np.ndarray, returns: np.ndarray, elite: float,
+               min_std: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """``[K,P]`` samples and ``[K]`` returns -> ``(mu [P], sigma [P])`` of the elite (module docstring)."""
+    count = max(2, int(np.ceil(elite * len(thetas))))
+    best = thetas[np.argsort(-np.asarray(returns), kind="stable")[:count]]
+    return best.mean(0), np.maximum(best.std(0), min_std)
+
+
+def cross_entropy_method(objective: Callable[[np.ndarray, int], float], mean: np.ndarray, std: np.ndarray,
+                         seed: int, iterations: int = 8, samples: int = 12, elite: float = 0.25,
+                         min_std: np.ndarray | float = 0.0) -> CemResult:
+    """Maximise ``objective(theta, episode_seed)`` by CEM from ``N(mean, diag(std^2))`` (module docstring)."""
+    rng = np.random.default_rng(seed)
+    mu, sigma = np.asarray(mean, np.float64).copy(), np.asarray(std, np.float64).copy()
+    result = CemResult()
+    for _ in range(iterations):
+        thetas = mu + sigma * rng.standard_normal((samples, len(mu)))
+        returns = np.array([objective(t, int(rng.integers(1 << 30))) for t in thetas])
+        mu, sigma = cem_update(thetas, returns, elite, min_std)
+        result.means.append(mu.copy())
+        result.best_returns.append(float(returns.max()))
+    return result
+
+
+@dataclass
 class SearchResult:
     success_curve: list[float] = field(default_factory=list)   # per iteration: success rate of the mean policy
     theta: np.ndarray | None = None
@@ -121,5 +159,6 @@ def policy_search(env, episode_return: Callable[[np.ndarray], float], seed: int,
     return result
 
 
-__all__ = ["policy_search", "run_episode", "true_return", "reached", "PositionReward", "tabulate_position_reward",
+__all__ = ["cross_entropy_method", "cem_update", "CemResult",
+           "policy_search", "run_episode", "true_return", "reached", "PositionReward", "tabulate_position_reward",
            "SearchResult", "policy_action"]

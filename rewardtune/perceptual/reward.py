@@ -23,13 +23,16 @@ Pipeline (for ``S`` steps, ``n`` selected features per step):
    ``b_k = 2 ln 9 / (p_k - q_k)``: the median in-step training frame scores 0.9, the median out-of-step frame
    0.1, and 0.5 (the paper's binarisation threshold) lies halfway between them in log-likelihood.
 6. **Combination** (later steps pay more): ``doubling`` (default) ``sum_k 2^(k-1) r_k / (2^S - 1)``; ``sum``
-   ``mean_k r_k``; ``furthest`` ``(index of the furthest step with r_k >= 0.5) / S`` (0 when none). All lie in
-   [0,1]. ``shaped=True`` returns the VIP-style difference ``total[t] - total[t-1]`` (0 at t = 0) instead.
+   ``mean_k r_k``; ``furthest`` ``(index of the furthest step with r_k >= 0.5) / S`` (0 when none);
+   ``expected`` the mean step index under the step posterior ``softmax_k(logit r_k)`` (the calibrated logits
+   ``b_k (l_k - m_k)``), divided by ``S - 1``: ``sum_k (k-1)/(S-1) softmax_k``. All lie in [0,1].
+   ``shaped=True`` returns the VIP-style difference ``total[t] - total[t-1]`` (0 at t = 0) instead.
    (The paper's Appendix A.1 was not available; doubling weights follow the team's unverified recollection of it,
    normalised here so the total stays in [0,1].)
 
 Saved files (``.save``) hold only tensors and json-able metadata (``torch.load(weights_only=True)``), never a
-pickled module; the feature extractor is stored as its spec (name + options) and rebuilt on load.
+pickled module; the feature extractor is stored as its spec (name + options) and rebuilt on load, plus its learned
+weights under ``"extractor_state"`` when it has any (``time-contrastive``; files without the key load as before).
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def combine_steps(per_step: torch.Tensor, combine: str = "doubling") -> torch.Te
     if combine == "doubling":
         weights = 2.0 ** torch.arange(steps, dtype=per_step.dtype)
         return per_step @ (weights / weights.sum())
+    if combine == "expected":
+        logits = torch.logit(per_step.clamp(1e-6, 1 - 1e-6))
+        return torch.softmax(logits, -1) @ (torch.arange(steps, dtype=per_step.dtype) / max(1, steps - 1))
     reached = per_step >= 0.5
     index = torch.where(reached, torch.arange(1, steps + 1), torch.zeros(1, dtype=torch.long)).amax(-1)
     return index.to(per_step.dtype) / steps
@@ -189,19 +195,23 @@ class PerceptualReward:
 
     def __init__(self, extractor_spec: dict[str, Any], models: StepModels, demos: list[dict[str, Any]],
                  config: dict[str, Any], combine: str = "doubling", shaped: bool = False,
-                 extractor: FeatureExtractor | None = None) -> None:
+                 extractor: FeatureExtractor | None = None,
+                 extractor_state: dict[str, torch.Tensor] | None = None) -> None:
         if combine not in COMBINES:
             raise UserError(f"unknown step combination {combine!r}; choose one of: {', '.join(COMBINES)}")
         self.extractor_spec, self.models, self.demos, self.config = extractor_spec, models, demos, config
         self.n_steps = int(models.index.shape[0])
         self.combine, self.shaped = combine, bool(shaped)
         self._extractor = extractor
+        self.extractor_state = extractor.state_tensors() if extractor is not None else dict(extractor_state or {})
 
     @property
     def extractor(self) -> FeatureExtractor:
-        """The feature extractor, rebuilt from its spec on first use after :meth:`load`."""
+        """The feature extractor, rebuilt from its spec (and learned weights) on first use after :meth:`load`."""
         if self._extractor is None:
-            self._extractor = load_extractor(self.extractor_spec["name"], self.extractor_spec.get("options", {}))
+            extractor = load_extractor(self.extractor_spec["name"], self.extractor_spec.get("options", {}))
+            extractor.load_state(self.extractor_state)
+            self._extractor = extractor
         return self._extractor
 
     @classmethod
@@ -223,6 +233,8 @@ class PerceptualReward:
         if isinstance(features, FeatureExtractor) and feature_options:
             raise UserError("feature_options only apply when features is an extractor name, not an instance")
         extractor = features if isinstance(features, FeatureExtractor) else load_extractor(features, feature_options)
+        if extractor.needs_training and not getattr(extractor, "trained", False):
+            extractor.fit(videos)
         embedded = [extractor.embed(v) for v in videos]
         return cls.fit_features(embedded, n_steps, extractor, objective=objective, min_size=min_size,
                                 min_fraction=min_fraction, alpha=alpha, n_features=n_features, min_std=min_std,
@@ -288,6 +300,8 @@ class PerceptualReward:
         meta = {"format": FORMAT, "extractor": self.extractor_spec, "demos": self.demos, "config": self.config,
                 "combine": self.combine, "shaped": self.shaped}
         blob = {"format": FORMAT, "meta": json.dumps(meta), "tensors": self.models.tensors()}
+        if self.extractor_state:
+            blob["extractor_state"] = self.extractor_state
         with atomic_path(path) as tmp:
             torch.save(blob, tmp)
         return Path(path)
@@ -304,10 +318,12 @@ class PerceptualReward:
             meta = json.loads(blob["meta"])
             assert blob["format"] == FORMAT and meta["format"] == FORMAT
             models = StepModels(**{k: blob["tensors"][k] for k in StepModels.__dataclass_fields__})
+            state = dict(blob.get("extractor_state", {}))
         except Exception:
             raise UserError(f"{str(path)!r} is not a perceptual reward file ({FORMAT}); learn one with "
                             "`rewardtune perceptual learn`") from None
-        return cls(meta["extractor"], models, meta["demos"], meta["config"], meta["combine"], meta["shaped"])
+        return cls(meta["extractor"], models, meta["demos"], meta["config"], meta["combine"], meta["shaped"],
+                   extractor_state=state)
 
 
 __all__ = ["PerceptualReward", "StepModels", "selection_scores", "gaussian_log_likelihood", "combine_steps",

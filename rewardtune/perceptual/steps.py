@@ -12,8 +12,18 @@ A video's features ``[T,D]`` are split into ``n`` contiguous segments. Two objec
   the negative log-likelihood up to constants, with ``eps_d = 1e-3 * var_d`` (the feature's variance over the
   whole video, or 1e-12 for a constant feature) so that a constant segment has a finite cost. It is invariant to
   per-feature scaling.
+* ``"linear_ml"``: the same likelihood for per-segment Gaussians whose mean moves **linearly in time**
+  (``x_t = a + b t + noise`` per feature and segment): ``var_sd`` is the residual variance of the least-squares
+  line. A step is "one motion"; its boundaries fall where the direction of motion changes. This fixes the two
+  failures of the constant-mean objectives on the procedural demos (BENCHMARKS.md, perceptual section): every
+  phase eases in and out, so a near-static stretch straddles each true boundary, and a constant-mean segment is
+  cheapest when it takes the whole still stretch (the cut slides to one end of it); and a phase of small motion
+  (the door's handle turn) is absorbed by its neighbours, whose variance a cut inside a large motion lowers more.
+  A line through a motion leaves small residuals wherever the motion is steady, so a cut through the middle of a
+  slow-down costs little, and a short phase of a different direction is worth its own segment.
 
-Segment statistics come from float64 prefix sums of the (video-mean centred) features, so every segment's cost is
+Segment statistics come from float64 prefix sums of the (video-mean centred) features ``x``, ``x^2`` and
+``t x``, so every segment's cost is
 ``O(D)`` and all ``O(T^2)`` costs are computed in length-major batches: ``O(T^2 D)`` time in all (about 5 s for
 T = 300 frames of 10,048 pooled Inception features on one CPU core), ``O(T^2)`` memory for the cost table.
 """
@@ -36,7 +46,8 @@ def segment_costs(features: torch.Tensor, objective: str = "paper", min_size: in
 
     Args:
         features: ``[T,D]`` float.
-        objective: ``"paper"`` (mean per-feature std) or ``"gaussian_ml"`` (``L * mean_d log(var_d + eps_d)``).
+        objective: ``"paper"`` (mean per-feature std), ``"gaussian_ml"`` (``L * mean_d log(var_d + eps_d)``) or
+            ``"linear_ml"`` (the same with the residual variance about the least-squares line in time).
     Returns:
         float64 array ``[T+1, T+1]``.
     """
@@ -45,24 +56,34 @@ def segment_costs(features: torch.Tensor, objective: str = "paper", min_size: in
     x = torch.as_tensor(features).detach().to(torch.float64).reshape(features.shape[0], -1)
     t, d = x.shape
     x = x - x.mean(0, keepdim=True)
-    eps = 1e-3 * x.pow(2).mean(0)
-    eps = torch.where(eps > 0, eps, torch.full_like(eps, 1e-12))
+    eps = _variance_floor(x)
     zero = torch.zeros(1, d, dtype=torch.float64)
-    s1 = torch.cat([zero, x.cumsum(0)])
-    s2 = torch.cat([zero, x.pow(2).cumsum(0)])
+    time = torch.arange(t, dtype=torch.float64)[:, None]
+    s1, s2, st = (torch.cat([zero, v.cumsum(0)]) for v in (x, x.pow(2), time * x))
     cost = np.full((t + 1, t + 1), np.inf)
     rows = max(1, _CHUNK_ELEMENTS // max(d, 1))
     for length in range(max(1, min_size), t + 1):
         for start in range(0, t - length + 1, rows):
             i = torch.arange(start, min(start + rows, t - length + 1))
-            mean = (s1[i + length] - s1[i]) / length
-            var = ((s2[i + length] - s2[i]) / length - mean.pow(2)).clamp_min(0)
+            total = s1[i + length] - s1[i]
+            var = ((s2[i + length] - s2[i]) - total.pow(2) / length) / length        # about the segment mean
+            if objective == "linear_ml" and length > 1:
+                centre = (i.to(torch.float64) + (length - 1) / 2)[:, None]
+                slope_sum = (st[i + length] - st[i]) - centre * total               # sum (t - tbar) x
+                var = var - slope_sum.pow(2) / (length * length * (length * length - 1) / 12.0)
+            var = var.clamp_min(0)
             if objective == "paper":
                 value = var.sqrt().mean(1)
             else:
                 value = length * torch.log(var + eps).mean(1)
             cost[i.numpy(), i.numpy() + length] = value.numpy()
     return cost
+
+
+def _variance_floor(centred: torch.Tensor) -> torch.Tensor:
+    """``[D]`` ``eps_d = 1e-3 * var_d`` over the whole video (1e-12 for a constant feature)."""
+    eps = 1e-3 * centred.pow(2).mean(0)
+    return torch.where(eps > 0, eps, torch.full_like(eps, 1e-12))
 
 
 def discover_steps(features: torch.Tensor, n_steps: int, min_size: int = 1, objective: str = "paper") -> list[int]:
@@ -72,7 +93,8 @@ def discover_steps(features: torch.Tensor, n_steps: int, min_size: int = 1, obje
         features: ``[T,D]`` per-frame features of one video.
         n_steps: number of segments (>= 1).
         min_size: minimum frames per segment (>= 1).
-        objective: ``"paper"`` (default: mean over segments of the average per-feature std) or ``"gaussian_ml"``.
+        objective: ``"paper"`` (default: mean over segments of the average per-feature std), ``"gaussian_ml"`` or
+            ``"linear_ml"`` (module docstring).
     Returns:
         Strictly increasing first-frame indices of segments 2..n (``[]`` for one step).
     Raises:
@@ -113,16 +135,23 @@ def _best_splits(cost: np.ndarray, t: int, n: int, min_size: int) -> list[int]:
 
 def objective_value(features: torch.Tensor, splits: list[int], objective: str = "paper") -> float:
     """The objective of a given split, computed directly from its definition (no prefix sums): the paper's
-    mean over segments of the average per-feature std, or the Gaussian ML cost summed over segments."""
+    mean over segments of the average per-feature std, or the Gaussian ML cost summed over segments (about the
+    segment mean, or about the least-squares line in time for ``linear_ml``)."""
     x = torch.as_tensor(features).detach().to(torch.float64)
     bounds = [0, *splits, x.shape[0]]
     segments = [x[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     if objective == "paper":
         return float(np.mean([float(s.std(0, unbiased=False).mean()) for s in segments]))
-    centred = x - x.mean(0)
-    eps = 1e-3 * centred.pow(2).mean(0)
-    eps = torch.where(eps > 0, eps, torch.full_like(eps, 1e-12))
-    return float(sum(len(s) * float(torch.log(s.var(0, unbiased=False) + eps).mean()) for s in segments))
+    eps = _variance_floor(x - x.mean(0))
+    total = 0.0
+    for s in segments:
+        residual = s - s.mean(0)
+        if objective == "linear_ml" and len(s) > 1:
+            time = torch.arange(len(s), dtype=torch.float64)[:, None]
+            time = time - time.mean()
+            residual = residual - time * (time * residual).sum(0) / time.pow(2).sum()
+        total += len(s) * float(torch.log(residual.pow(2).mean(0) + eps).mean())
+    return total
 
 
 def labels_from_splits(splits: list[int], length: int) -> np.ndarray:

@@ -29,9 +29,16 @@ class RecoverConfig:
     output_weight: float = field(default=1.0, metadata=_help("weight of matching the teacher's output"))
     feature_weight: float = field(default=1.0, metadata=_help("weight of matching the teacher's block features"))
     ema: float = field(default=0.0, metadata=_help("decay of a moving average of the weights; 0: last step's"))
+    init: Literal["pruned", "scratch"] = field(default="pruned", metadata=_help(
+        "pruned: recover from the pruned weights; scratch: re-initialise them first (the same architecture and "
+        "mask trained from random weights with the same steps: Liu et al.'s Scratch-E baseline)"))
+    timesteps: int = field(default=0, metadata=_help(
+        "0: noise levels drawn from all training timesteps; N: only the N-step DDIM sampler's timesteps (a student "
+        "specialised for N-step sampling)"))
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, "steps", ">= 0", self.steps)
+        require(self.timesteps >= 0, "timesteps", ">= 0", self.timesteps)
         require(0 <= self.ema < 1, "ema", "in [0, 1)", self.ema)
         require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         require(self.lr > 0, "lr", "> 0", self.lr)
@@ -59,7 +66,8 @@ class PruneConfig:
 
     model: str = field(default="shapes-tiny", metadata=PATH | _help(
         "registered name, pipeline folder or hub id"))
-    method: str = field(default="structured", metadata=_help("structured, blocks, magnitude or lottery"))
+    method: str = field(default="structured", metadata=_help(
+        "structured, blocks, layers, magnitude, lottery, granet, bip or semi_structured"))
     ratio: float = field(default=0.5, metadata=_help("fraction to remove, in (0, 1): channels or weights"))
     importance: str = field(default="magnitude", metadata=_help(
         "channel scores of structured: magnitude, taylor or diff_pruning"))

@@ -79,7 +79,8 @@ def sparsity(masks: Masks) -> float:
     return 1 - sum(int(m.sum()) for m in masks.values()) / max(total, 1)
 
 
-def _finish(model: nn.Module, unet: nn.Module, masks: Masks, method: str, options: dict) -> nn.Module:
+def finish_masked(model: nn.Module, unet: nn.Module, masks: Masks, method: str, options: dict) -> nn.Module:
+    """Zero ``model``'s masked weights and record the method and the masked layers (on top of ``unet``'s record)."""
     apply_masks(model, masks)
     record = merged_record(unet, method, {**options, "sparsity": round(sparsity(masks), 6)})
     record["masked"] = sorted(set(record["masked"]) | set(masks))
@@ -121,7 +122,7 @@ def prune_magnitude(unet: nn.Module, ratio: float, options: MagnitudeOptions, co
     """A copy of ``unet`` with the ``ratio`` smallest-magnitude Conv/Linear weights zeroed (one-shot Global MP)."""
     model = copy.deepcopy(unet)
     masks = global_magnitude_masks(prunable_weights(model), ratio, options.min_keep)
-    return _finish(model, unet, masks, "magnitude", {"ratio": ratio, "min_keep": options.min_keep})
+    return finish_masked(model, unet, masks, "magnitude", {"ratio": ratio, "min_keep": options.min_keep})
 
 
 def prune_lottery(unet: nn.Module, ratio: float, options: LotteryOptions, context: PruneContext) -> nn.Module:
@@ -144,8 +145,9 @@ def prune_lottery(unet: nn.Module, ratio: float, options: LotteryOptions, contex
         model.load_state_dict(rewind)
         apply_masks(model, masks)
         logger.info("lottery round %d/%d: sparsity %.3f", level + 1, rounds, sparsity(masks))
-    return _finish(model, unet, masks, "lottery", {"ratio": ratio, "rounds": rounds, "min_keep": options.min_keep})
+    return finish_masked(model, unet, masks, "lottery", {"ratio": ratio, "rounds": rounds,
+                                                         "min_keep": options.min_keep})
 
 
 __all__ = ["global_magnitude_masks", "apply_masks", "masks_of", "sparsity", "prune_magnitude", "prune_lottery",
-           "MagnitudeOptions", "LotteryOptions", "prunable_weights"]
+           "MagnitudeOptions", "LotteryOptions", "prunable_weights", "finish_masked"]

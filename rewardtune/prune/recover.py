@@ -76,6 +76,19 @@ def shapes_data(pipe, n: int, seed: int = 0) -> DistillData:
     return DistillData(latents.float(), states, encode_negative(pipe).embeds)
 
 
+def reinitialise(unet: nn.Module, seed: int = 0) -> None:
+    """Draw every layer's parameters afresh (PyTorch's default initialisation of each Conv/Linear/norm), keeping
+    the shapes and, for masked UNets, the zeros of ``masks``; attention temperatures are left as they are."""
+    from rewardtune.prune.masks import apply_masks, masks_of
+
+    masks = masks_of(unet)
+    torch.manual_seed(seed)
+    for module in unet.modules():
+        if isinstance(module, (nn.Conv2d, nn.Linear, nn.GroupNorm, nn.LayerNorm)):
+            module.reset_parameters()
+    apply_masks(unet, masks)
+
+
 def block_names(unet: nn.Module) -> list[str]:
     """Names of the stage outputs used for feature distillation."""
     names = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))]
@@ -123,12 +136,16 @@ def distill_loss(student_out, teacher_out, noise, student_feats, teacher_feats, 
     return loss, {"task": task.item(), "output": output.item(), "feature": feature.item()}
 
 
-def _batch(data: DistillData, rng: torch.Generator, size: int, drop: float, alphas: torch.Tensor):
+def _batch(data: DistillData, rng: torch.Generator, size: int, drop: float, alphas: torch.Tensor,
+           timesteps: torch.Tensor | None = None):
     idx = torch.randint(0, data.latents.shape[0], (size,), generator=rng)
     x0, states = data.latents[idx], data.states[idx].clone()
     dropped = torch.rand(size, generator=rng) < drop
     states[dropped] = data.empty.to(states)
-    t = torch.randint(0, len(alphas), (size,), generator=rng)
+    if timesteps is None:
+        t = torch.randint(0, len(alphas), (size,), generator=rng)
+    else:
+        t = timesteps[torch.randint(0, len(timesteps), (size,), generator=rng)]
     noise = torch.randn(x0.shape, generator=rng)
     return forward_noise(x0, noise, t, alphas), t, states, noise
 
@@ -136,9 +153,12 @@ def _batch(data: DistillData, rng: torch.Generator, size: int, drop: float, alph
 def distill(student: nn.Module, teacher: nn.Module, data: DistillData, steps: int = 300, batch_size: int = 32,
             lr: float = 5e-4, weights: DistillWeights | None = None, alphas: torch.Tensor | None = None,
             masks: dict[str, torch.Tensor] | None = None, drop: float = 0.1, seed: int = 0,
-            progress: Callable[[dict], None] | None = None, ema: float = 0.0) -> list[dict]:
+            progress: Callable[[dict], None] | None = None, ema: float = 0.0,
+            timesteps: torch.Tensor | None = None) -> list[dict]:
     """Train ``student`` in place for ``steps`` AdamW steps (cosine to 10 % of ``lr``); returns per-step losses.
-    ``ema`` in [0, 1): 0 keeps the last step's weights, otherwise the student ends with their moving average."""
+    ``ema`` in [0, 1): 0 keeps the last step's weights, otherwise the student ends with their moving average.
+    ``timesteps [K]``: draw ``t`` uniformly from these (e.g. the sampler's DDIM grid) instead of all ``len(alphas)``.
+    """
     from rewardtune.prune.importance import default_alphas_cumprod
     from rewardtune.prune.masks import apply_masks
 
@@ -155,7 +175,7 @@ def distill(student: nn.Module, teacher: nn.Module, data: DistillData, steps: in
     adapters, optimizer, history = None, None, []
     with tap_features(student, names) as fs, tap_features(teacher, names) as ft:
         for step in range(steps):
-            noisy, t, states, noise = _batch(data, rng, batch_size, drop, alphas)
+            noisy, t, states, noise = _batch(data, rng, batch_size, drop, alphas, timesteps)
             with torch.no_grad():
                 target = teacher(noisy, t, encoder_hidden_states=states).sample
             out = student(noisy, t, encoder_hidden_states=states).sample
@@ -190,4 +210,4 @@ def distill(student: nn.Module, teacher: nn.Module, data: DistillData, steps: in
 
 
 __all__ = ["DistillData", "DistillWeights", "teacher_data", "shapes_data", "distill", "distill_loss",
-           "block_names", "tap_features"]
+           "block_names", "tap_features", "reinitialise"]

@@ -21,7 +21,9 @@ from torch import nn
 
 from rewardtune.config import from_dict, to_dict
 from rewardtune.errors import ConfigError, UserError
+from rewardtune.prune.bip import BiPOptions, prune_bip
 from rewardtune.prune.blocks import BlocksOptions, check_blocks_plan, prune_blocks
+from rewardtune.prune.granet import GraNetOptions, prune_granet
 from rewardtune.prune.importance import (
     DiffPruningOptions,
     TaylorOptions,
@@ -29,7 +31,9 @@ from rewardtune.prune.importance import (
     magnitude_importance,
     taylor_importance,
 )
+from rewardtune.prune.layers import LayerTicketOptions, check_layers_plan, prune_layers
 from rewardtune.prune.masks import LotteryOptions, MagnitudeOptions, prune_lottery, prune_magnitude
+from rewardtune.prune.semi_structured import SemiStructuredOptions, check_semi_structured_plan, prune_semi_structured
 from rewardtune.prune.structured import StructuredOptions, check_structured_plan, prune_structured
 from rewardtune.registry import Registry
 
@@ -54,7 +58,8 @@ class PruneMethod:
     options: type = NoOptions
     help: str = ""
     uses_importance: bool = False  # ranks channels with an IMPORTANCES entry (whose options join its own)
-    needs_calibration: bool = False  # reads context.calibration itself (importances declare their own need)
+    # reads context.calibration itself (importances declare their own need); a callable decides from the options
+    needs_calibration: bool | Callable[[Any], bool] = False
     needs_training: bool = False  # calls context.train_fn(model, masks) between pruning steps
     train_steps: Callable[[Any], int | None] = _no_train_steps  # steps per train_fn call (None: the run's default)
     speeds_up_sampling: bool = False  # smaller dense tensors (masks keep every shape and gain nothing)
@@ -97,6 +102,17 @@ METHODS.register("magnitude", PruneMethod(prune_magnitude, MagnitudeOptions, "gl
 METHODS.register("lottery", PruneMethod(
     prune_lottery, LotteryOptions, "lottery ticket: iterative magnitude masks with rewinding", needs_training=True,
     train_steps=lambda options: options.round_steps))
+METHODS.register("granet", PruneMethod(
+    prune_granet, GraNetOptions, "GraNet: gradual magnitude masks with gradient regrowth during training",
+    needs_calibration=True, needs_training=True, train_steps=lambda options: options.round_steps))
+METHODS.register("bip", PruneMethod(
+    prune_bip, BiPOptions, "BiP: bi-level mask scores with the first-order implicit gradient", needs_calibration=True))
+METHODS.register("layers", PruneMethod(
+    prune_layers, LayerTicketOptions, "layer tickets: remove whole attention/mid layers chosen by SNIP",
+    needs_calibration=lambda options: options.remove is None, speeds_up_sampling=True, check_plan=check_layers_plan))
+METHODS.register("semi_structured", PruneMethod(
+    prune_semi_structured, SemiStructuredOptions, "2:4 semi-structured Linear sparsity (sparse kernels on sm80+)",
+    check_plan=check_semi_structured_plan))
 
 IMPORTANCES: Registry[Importance] = Registry("pruning importance")
 IMPORTANCES.register("magnitude", Importance(magnitude_importance, help="L2 norm of each channel group"))
@@ -119,7 +135,9 @@ class PruneChoice:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method.needs_calibration or (self.method.uses_importance and self.importance.needs_calibration)
+        own = self.method.needs_calibration
+        own = own(self.options) if callable(own) else own
+        return own or (self.method.uses_importance and self.importance.needs_calibration)
 
     def given(self, keys) -> dict[str, Any]:
         """The values of option names ``keys``, as plain YAML values (tuples become lists)."""

@@ -47,24 +47,36 @@ def _distill_data(pipe, cfg: PruneConfig, prompts: list[str] | None):
                             guidance=cfg.guidance, progress=bar.update)
 
 
-def _recover(student, teacher, data, cfg: PruneConfig, steps: int, masks=None, desc: str = "distilling"):
+def sampler_timesteps(scheduler, steps: int) -> torch.Tensor | None:
+    """The timesteps ``[steps]`` an ``steps``-step sampler of ``scheduler``'s config visits (None for 0)."""
+    if steps == 0:
+        return None
+    grid = type(scheduler).from_config(scheduler.config)
+    grid.set_timesteps(steps)
+    return grid.timesteps.long().cpu()
+
+
+def _recover(student, teacher, data, cfg: PruneConfig, steps: int, masks=None, desc: str = "distilling",
+             scheduler=None):
     from tqdm.auto import tqdm
 
     from rewardtune.prune.recover import DistillWeights, distill
 
     r = cfg.recover
+    timesteps = sampler_timesteps(scheduler, r.timesteps) if scheduler is not None else None
     weights = DistillWeights(r.task_weight, r.output_weight, r.feature_weight)
     with tqdm(total=steps, desc=desc, unit="step") as bar:
         def progress(row):
             bar.update()
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         return distill(student, teacher, data, steps=steps, batch_size=r.batch_size, lr=r.lr, weights=weights,
-                       masks=masks, seed=cfg.seed, progress=progress, ema=r.ema)
+                       masks=masks, seed=cfg.seed, progress=progress, ema=r.ema, timesteps=timesteps)
 
 
-def prune_pipeline_unet(pipe, cfg: PruneConfig, data) -> torch.nn.Module:
+def prune_pipeline_unet(pipe, cfg: PruneConfig, data, spent: dict | None = None) -> torch.nn.Module:
     """Run the configured method on ``pipe.unet``, supplying what its entries declare they need from ``data``:
-    calibration latents, and a distillation ``train_fn`` for methods that train between pruning steps."""
+    calibration latents, and a distillation ``train_fn`` for methods that train between pruning steps (their
+    steps add up in ``spent["train_steps"]``)."""
     from rewardtune.prune import prune_unet
 
     choice, supplied = cfg.choice(), {}
@@ -74,8 +86,13 @@ def prune_pipeline_unet(pipe, cfg: PruneConfig, data) -> torch.nn.Module:
                         alphas=pipe.scheduler.alphas_cumprod.float())
     if choice.method.needs_training:
         steps = choice.method.train_steps(choice.options) or max(1, cfg.recover.steps // 2)
-        supplied["train_fn"] = lambda model, masks: _recover(model, pipe.unet, data, cfg, steps, masks,
-                                                             desc="training round")
+        spent = {} if spent is None else spent
+
+        def train_fn(model, masks):
+            spent["train_steps"] = spent.get("train_steps", 0) + steps
+            return _recover(model, pipe.unet, data, cfg, steps, masks, desc="training round",
+                            scheduler=pipe.scheduler)
+        supplied["train_fn"] = train_fn
     return prune_unet(pipe.unet, method=cfg.method, ratio=cfg.ratio, importance=cfg.importance, **cfg.options,
                       **supplied)
 
@@ -142,9 +159,12 @@ def _prune_and_recover(pipe, cfg: PruneConfig, prompts: list[str] | None, stage)
     from rewardtune.prune import masks_of, summarize
 
     data = _distill_data(pipe, cfg, prompts) if cfg.needs_data else None
-    pruned = prune_pipeline_unet(pipe, cfg, data)
+    spent = {"train_steps": 0}
+    pruned = prune_pipeline_unet(pipe, cfg, data, spent)
     report: dict[str, Any] = {"method": cfg.method, "ratio": cfg.ratio, **summarize(pipe.unet, pruned),
-                              "speeds_up_sampling": cfg.choice().method.speeds_up_sampling}
+                              "speeds_up_sampling": cfg.choice().method.speeds_up_sampling,
+                              "compute": {"steps": spent["train_steps"] + cfg.recover.steps,
+                                          "batch_size": cfg.recover.batch_size, "recover_init": cfg.recover.init}}
     report["pq_index"], report["sap_ratio"] = _sap(pipe.unet)
     scorer, reference = _reference(pipe, cfg)
     if reference is not None:
@@ -152,8 +172,14 @@ def _prune_and_recover(pipe, cfg: PruneConfig, prompts: list[str] | None, stage)
         if cfg.evaluate.before_recovery:
             report["quality_pruned"] = _evaluate(pipe, pruned, cfg, scorer, reference)
     history = None
+    if cfg.recover.init == "scratch":
+        from rewardtune.prune.recover import reinitialise
+
+        with torch.no_grad():
+            reinitialise(pruned, cfg.seed)
     if cfg.recover.steps > 0:
-        history = _recover(pruned, pipe.unet, data, cfg, cfg.recover.steps, masks_of(pruned) or None)
+        history = _recover(pruned, pipe.unet, data, cfg, cfg.recover.steps, masks_of(pruned) or None,
+                           scheduler=pipe.scheduler)
         check_finite(pruned, cfg, history)
         (stage / "distill_log.jsonl").write_text("".join(dumps_json(row) + "\n" for row in history))
         report["distill_loss"] = [history[0]["loss"], history[-1]["loss"]]

@@ -103,18 +103,24 @@ class StructuredOptions:
         "help": "module names never pruned (conv_out keeps the output channels)"})
     round_to: int | None = field(default=None, metadata={"help": "kept channel counts round to a multiple of this"})
     global_pruning: bool = field(default=False, metadata={"help": "rank channels across layers, not per layer"})
+    ratios: dict[str, float] = field(default_factory=dict, metadata={
+        "help": "per-module ratios {module name: ratio} overriding ratio for the width groups rooted there "
+                "(e.g. {down_blocks.1: 0.25}); 0 keeps a module's groups whole"})
 
     def __post_init__(self) -> None:
         require(self.round_to is None or self.round_to >= 1, "round_to", "at least 1 or null", self.round_to)
+        for name, value in self.ratios.items():
+            require(isinstance(value, (int, float)) and 0 <= value < 1, f"ratios.{name}", "in [0, 1)", value)
 
 
 def check_structured_plan(unet: nn.Module, ratio: float, options: StructuredOptions) -> None:
     """Refuse an ``ignored`` name that is no module and a ratio that empties a group, head or layer."""
     names = dict(unet.named_modules())
-    unknown = [n for n in options.ignored if n not in names]
+    unknown = [n for n in [*options.ignored, *options.ratios] if n not in names]
     if unknown:
-        raise UserError(f"ignored layer {unknown[0]!r} is not a module of this UNet (e.g. conv_out, conv_in)")
-    check_plan(unet, ratio, set(options.ignored))
+        raise UserError(f"layer {unknown[0]!r} (options.ignored or options.ratios) is not a module of this UNet "
+                        "(e.g. conv_out, conv_in, down_blocks.1)")
+    check_plan(unet, max([ratio, *options.ratios.values()]), set(options.ignored))
 
 
 def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, context: PruneContext) -> nn.Module:
@@ -132,7 +138,8 @@ def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, 
         pruner = tp.pruner.BasePruner(
             model, inputs, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio,
             ignored_layers=[model.get_submodule(n) for n in options.ignored], num_heads=head_counts(model),
-            round_to=options.round_to, global_pruning=options.global_pruning, forward_fn=unet_forward)
+            round_to=options.round_to, global_pruning=options.global_pruning, forward_fn=unet_forward,
+            pruning_ratio_dict={model.get_submodule(n): r for n, r in options.ratios.items()} or None)
         pruner.importance = context.scorer(model)
         pruner.step()
     model.zero_grad(set_to_none=True)
@@ -140,7 +147,8 @@ def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, 
     record = merged_record(unet, "structured", {"ratio": ratio, "importance": context.importance,
                                                  "round_to": options.round_to,
                                                  "global_pruning": options.global_pruning,
-                                                 "ignored": list(options.ignored)})
+                                                 "ignored": list(options.ignored),
+                                                 "ratios": dict(options.ratios)})
     record["modules"] = attribute_changes(model)
     set_record(model, record)
     logger.info("structured pruning (ratio %.2f, %s): %d groups pruned", ratio, context.importance,

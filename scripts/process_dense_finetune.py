@@ -1,0 +1,173 @@
+"""Issue 14, evidence 2 and 3: dense-reward finetuning in the shapes world (GRPO on ``shapes-tiny`` against the
+learned proxy ``shapes_preference``; the gold oracle is logged, never trained on). Writes two tables into
+BENCHMARKS.md (sections ``process-dense-efficiency`` and ``process-dense-hacking``) and a figure into docs/figures.
+
+    python scripts/process_dense_finetune.py [--arms outcome prime x0 x0-delta x0-clip] [--seeds 0] [--epochs 5]
+
+Arms (one preset each, otherwise identical: prompts, N x B samples per epoch, K passes, sampler, optimiser):
+
+* ``outcome``: ``configs/grpo/shapes_small.yaml`` (outcome advantages only; N*B = 36 reward queries per epoch);
+* ``x0``, ``x0-clip``, ``x0-delta``: ``configs/grpo/shapes_small_dense_x0.yaml`` with ``train.dense.transform``
+  none / clip / delta (each step's decoded x0 prediction scored: 360 queries per epoch);
+* ``prime``: ``configs/grpo/shapes_small_prime.yaml`` (implicit PRM trained on the outcome rewards: 36 per epoch).
+
+Every run evaluates after each epoch (``save_every=1``: 8 training prompts x 2 fixed seeds, scored by proxy and
+gold), so each arm has a gold-against-reward-queries curve; evidence 2 compares the arms at equal query budgets,
+evidence 3 follows the summed raw x0 step rewards (what an exploited dense reward inflates) against gold. Runs live in
+``--out`` (default ``outputs/process_dense``) as ARM/seedS; they resume and are reused (scripts/runs.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from pathlib import Path
+
+from runs import FIGURES, ROOT, Arm, add_run_arguments, finished, read_jsonl, run_all
+
+X0 = "configs/grpo/shapes_small_dense_x0.yaml"
+ARMS = {"outcome": ("configs/grpo/shapes_small.yaml", []), "prime": ("configs/grpo/shapes_small_prime.yaml", []),
+        "x0": (X0, []), "x0-delta": (X0, ["train.dense.transform=delta"]),
+        "x0-clip": (X0, ["train.dense.transform=clip"])}
+# An evaluation after every epoch (gold-against-queries curves) on 8 training prompts x 2 seeds; no held-out prompts
+# (their gold does not move in 20 GRPO epochs here, BENCHMARKS.md compare-algorithms): measurement only, every arm.
+COMMON = ["save_every=1", "keep_last=1", "heldout_prompts_file=null", "eval_seeds=[0,1]"]
+EPOCHS = 5
+
+
+def arms(names: list[str]) -> list[Arm]:
+    return [Arm(name, ARMS[name][0], COMMON + ARMS[name][1]) for name in names]
+
+
+def curve(folder: Path) -> list[dict]:
+    """Per evaluated epoch: ``queries`` (cumulative training reward queries), ``gold`` / ``proxy`` (gain of the
+    fixed evaluation over epoch 0), and the epoch's ``raw_sum`` / ``dense_sum`` (summed raw / transformed x0 step
+    rewards of its rollouts, when it has them)."""
+    evals = read_jsonl(folder / "eval.jsonl")
+    metrics = {r["epoch"]: r for r in read_jsonl(folder / "metrics.jsonl")}
+    first = evals[0]
+    points = []
+    for record in evals:
+        epoch = record["epoch"]
+        m = metrics.get(epoch, {})
+        points.append({"epoch": epoch, "queries": m.get("reward_queries", 0) if epoch else 0,
+                       "gold": record["eval_gold"] - first["eval_gold"],
+                       "proxy": record["eval_reward"] - first["eval_reward"],
+                       "raw_sum": m.get("dense_raw_sum"), "dense_sum": m.get("dense_sum"),
+                       "minutes": sum(r.get(f"seconds_{k}", 0.0) for e, r in metrics.items() if e <= epoch
+                                      for k in ("sampling", "reward", "dense", "update")) / 60})
+    return points
+
+
+def at_budget(points: list[dict], budget: int) -> dict | None:
+    """The last evaluated point whose cumulative queries are within ``budget`` (None when even epoch 1 exceeds
+    it... epoch 0 always qualifies, so never None)."""
+    within = [p for p in points if p["queries"] <= budget]
+    return within[-1] if within else None
+
+
+def cell(values: list[float], fmt: str = "+.3f") -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:{fmt}}"
+    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
+
+
+def efficiency_table(names: list[str], curves: dict[str, list[list[dict]]], budgets: list[int]) -> str:
+    """Evidence 2: gold and proxy gains at equal query budgets and after the last epoch."""
+    head = ["run", "queries / epoch"] + [f"Δ gold @ {b} queries (epoch)" for b in budgets] + [
+        "Δ gold after last epoch", "Δ proxy after last epoch", "queries used", "train minutes"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in names:
+        runs = curves[name]
+        per_epoch = runs[0][1]["queries"] if len(runs[0]) > 1 else 0
+        row = [name, str(per_epoch)]
+        for budget in budgets:
+            points = [at_budget(c, budget) for c in runs]
+            row.append(f"{cell([p['gold'] for p in points])} ({points[0]['epoch']})")
+        row += [cell([c[-1]["gold"] for c in runs]), cell([c[-1]["proxy"] for c in runs]),
+                str(runs[0][-1]["queries"]), f"{statistics.mean(c[-1]['minutes'] for c in runs):.1f}"]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def hacking_table(names: list[str], curves: dict[str, list[list[dict]]]) -> str:
+    """Evidence 3: the summed raw x0 step rewards and the transformed sum (epoch 1 -> last) against proxy and gold."""
+    head = ["run", "Σ raw x0 step rewards: epoch 1 → last", "Σ transformed: epoch 1 → last", "Δ proxy", "Δ gold",
+            "worst Δ gold during run"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for name in names:
+        runs = curves[name]
+        if runs[0][-1]["raw_sum"] is None:
+            continue
+        first = [c[1] for c in runs]
+        last = [c[-1] for c in runs]
+        row = [name, f"{cell([p['raw_sum'] for p in first], '.2f')} → {cell([p['raw_sum'] for p in last], '.2f')}",
+               f"{cell([p['dense_sum'] for p in first], '.2f')} → {cell([p['dense_sum'] for p in last], '.2f')}",
+               cell([p["proxy"] for p in last]), cell([p["gold"] for p in last]),
+               cell([min(p["gold"] for p in c) for c in runs])]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def figure(names: list[str], curves: dict[str, list[list[dict]]], out: Path) -> Path:
+    """Δ gold and Δ proxy of the fixed evaluation against cumulative reward queries (first seed), log x-axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from rewardtune.utils.plots import save_figure
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, label in zip(axes, ("gold", "proxy"), ("Δ gold (eval prompts)", "Δ proxy (eval prompts)")):
+        for name in names:
+            points = [p for p in curves[name][0] if p["queries"] > 0]
+            ax.plot([p["queries"] for p in points], [p[key] for p in points], marker=".", label=name)
+        ax.set_xscale("log")
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.set_xlabel("training reward queries (cumulative)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    add_run_arguments(parser, "process_dense", [0], 1)
+    parser.add_argument("--existing", action="store_true", help="only the runs that have finished; start none")
+    args = parser.parse_args()
+    epochs = args.epochs or EPOCHS
+    plan = arms(args.arms)
+    if args.existing:
+        plan = finished(plan, args.seeds, args.out)
+    runs = run_all(plan, args.seeds, args.out, epochs, args.workers, args.threads)
+    names = [a.name for a in plan]
+    curves = {name: [curve(folder) for folder in folders] for name, folders in runs.items()}
+    budgets = sorted({c[-1]["queries"] for name in names for c in curves[name]})[:1]  # the cheapest arm's total
+    plot = figure(names, curves, FIGURES / "process_dense_finetune.png")
+    from rewardtune.utils.benchmarks import command_line, header, update_section
+
+    common = (f"Seeds {args.seeds}, {epochs} epochs of GRPO on shapes-tiny against the proxy shapes_preference "
+              "(`configs/grpo/shapes_small*.yaml`: N x B = 6 x 6 samples per epoch, 10 DDIM steps); overrides "
+              f"`{' '.join(COMMON)}`. Δ = the fixed evaluation (8 training prompts x 2 seeds) after the epoch minus "
+              "before finetuning; gold = the hidden oracle, never trained on. Reward queries = every image the "
+              "training reward scored during training (outcome and x0 step images; evaluation not counted).")
+    efficiency = "\n".join([header(command_line()), common, "",
+                            efficiency_table(names, curves, budgets), "",
+                            f"![gold and proxy against reward queries]({plot.relative_to(ROOT)}) Seed "
+                            f"{args.seeds[0]}."])
+    hacking = "\n".join([header(command_line()), common, "", hacking_table(names, curves)])
+    print(efficiency, "\n", hacking)
+    if not args.no_write:
+        update_section("process-dense-efficiency", efficiency)
+        update_section("process-dense-hacking", hacking)
+
+
+if __name__ == "__main__":
+    main()

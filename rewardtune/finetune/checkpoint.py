@@ -7,6 +7,10 @@ A checkpoint is a folder ``output_dir/checkpoints/epoch_N`` (N = epochs complete
 * ``state.pt``: optimizer state, the algorithm's ``state_dict()`` (DDPO's stat tracker), RNG states (python,
   numpy, torch) and ``epoch``; plain tensors and containers only, loadable with ``weights_only=True``.
 
+Under FSDP (``fsdp=true``) the weights and optimizer states stay sharded: ``sharded/`` holds one
+``torch.distributed.checkpoint`` file per process and ``.metadata`` instead of ``trainable.safetensors``, and
+``state.pt`` has no optimizer entry (:func:`save_sharded_checkpoint`).
+
 Folders are written under a temporary name, flushed to disk and renamed into place with ``os.replace``, so a crash
 or a power loss never leaves a half-written ``epoch_N``. Only the last ``keep_last`` are kept; resuming skips an
 unreadable newest checkpoint (with a warning) for the one before it.
@@ -32,6 +36,7 @@ from rewardtune.utils.io import atomic_write_json, fsync_dir, fsync_file
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
+SHARDS = "sharded"  # FSDP checkpoints: torch.distributed.checkpoint files, one per process
 LORA_BASE = "rewardtune_base.json"  # in a LoRA final folder: {"model": the base pipeline it was trained on}
 _NAME = re.compile(r"^epoch_(\d+)$")
 
@@ -74,11 +79,20 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def is_checkpoint(folder: Path) -> bool:
+    """A complete checkpoint folder: ``state.pt`` and the weights (``trainable.safetensors`` or FSDP shards)."""
+    weights = (folder / "trainable.safetensors").is_file() or is_sharded_checkpoint(folder)
+    return (folder / "state.pt").is_file() and weights
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (folder / SHARDS / ".metadata").is_file()
+
+
 def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     """Complete checkpoints ``[(epoch, folder)]`` under ``output_dir/checkpoints``, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
-    found = [(int(m.group(1)), p) for p in root.glob("epoch_*") if (m := _NAME.match(p.name))
-             and (p / "state.pt").is_file() and (p / "trainable.safetensors").is_file()]
+    found = [(int(m.group(1)), p) for p in root.glob("epoch_*") if (m := _NAME.match(p.name)) and is_checkpoint(p)]
     return sorted(found)
 
 
@@ -105,14 +119,56 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, optimizer, algorit
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:
-        kept = list_checkpoints(output_dir)
-        previous = f"the previous checkpoint {kept[-1][1]} is intact" if kept else "no earlier checkpoint exists"
-        reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
-        raise UserError(f"cannot save checkpoint {final}: {reason}; {previous}; free space (or fix the folder) "
-                        "and rerun with resume=auto") from None
+        raise _save_error(output_dir, final, exc) from None
+    _keep_newest(output_dir, keep_last, final)
+    return final
+
+
+def _save_error(output_dir: str | Path, final: Path, exc: OSError) -> UserError:
+    kept = list_checkpoints(output_dir)
+    previous = f"the previous checkpoint {kept[-1][1]} is intact" if kept else "no earlier checkpoint exists"
+    reason = "no space left on device" if exc.errno == errno.ENOSPC else (exc.strerror or str(exc))
+    return UserError(f"cannot save checkpoint {final}: {reason}; {previous}; free space (or fix the folder) "
+                     "and rerun with resume=auto")
+
+
+def _keep_newest(output_dir: str | Path, keep_last: int, final: Path) -> None:
     for _, old in list_checkpoints(output_dir)[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     logger.info("saved checkpoint %s", final)
+
+
+def save_sharded_checkpoint(output_dir: str | Path, epoch: int, model, optimizer, algorithm, keep_last: int,
+                            barrier, main: bool, extra: dict | None = None) -> Path:
+    """:func:`save_checkpoint` for an FSDP-sharded ``model``, called by every process: each writes its shards of
+    the weights and optimizer state into one temporary folder (``sharded/``), then the main process adds
+    ``state.pt``, flushes and renames the folder into place. ``barrier()`` waits for every process."""
+    from rewardtune.utils import fsdp
+
+    root = Path(output_dir) / CHECKPOINTS
+    final, tmp = root / f"epoch_{epoch}", root / f".tmp_epoch_{epoch}_sharded"
+    try:
+        if main:
+            root.mkdir(parents=True, exist_ok=True)
+            for stale in [*root.glob(".tmp_epoch_*"), *root.glob(".old_epoch_*")]:
+                shutil.rmtree(stale, ignore_errors=True)
+        barrier()
+        fsdp.save_sharded(tmp / SHARDS, model, optimizer)
+        barrier()
+        if main:
+            torch.save({"epoch": epoch, "algorithm": algorithm.state_dict(), "rng": rng_state(),
+                        **({"extra": extra} if extra else {})}, tmp / "state.pt")
+            for path in [tmp / "state.pt", *(tmp / SHARDS).iterdir()]:
+                fsync_file(path)
+            fsync_dir(tmp / SHARDS)
+            fsync_dir(tmp)
+            _replace_folder(tmp, final)
+    except OSError as exc:
+        raise _save_error(output_dir, final, exc) from None
+    finally:
+        barrier()
+    if main:
+        _keep_newest(output_dir, keep_last, final)
     return final
 
 
@@ -148,9 +204,9 @@ def resume_candidates(resume: str | None, output_dir: str | Path) -> list[Path]:
     if resume == "auto":
         return [path for _, path in reversed(list_checkpoints(output_dir))]
     path = Path(resume)
-    if not ((path / "state.pt").is_file() and (path / "trainable.safetensors").is_file()):
-        raise UserError(f"resume={resume!r} is not a checkpoint folder (state.pt and trainable.safetensors); use "
-                        "resume=auto or a path like OUTPUT_DIR/checkpoints/epoch_N")
+    if not is_checkpoint(path):
+        raise UserError(f"resume={resume!r} is not a checkpoint folder (state.pt and trainable.safetensors or "
+                        f"{SHARDS}/); use resume=auto or a path like OUTPUT_DIR/checkpoints/epoch_N")
     return [path]
 
 
@@ -163,6 +219,8 @@ def read_checkpoint(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     from safetensors.torch import load_file
 
     folder = Path(folder)
+    if is_sharded_checkpoint(folder):
+        raise UserError(f"checkpoint {str(folder)!r} is sharded (written under FSDP); resume it with fsdp=true")
     try:
         tensors = load_file(str(folder / "trainable.safetensors"))
         state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
@@ -220,3 +278,27 @@ def save_final_model(pipe, unet, folder: str | Path, lora: bool, base_model: str
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def load_sharded_checkpoint(folders: list[Path], model, optimizer, algorithm) -> tuple[int, dict]:
+    """Restore an FSDP run from the newest of ``folders`` (every process reads its shards, resharded if the
+    process count changed); returns ``(epochs done, extra)``. No fallback to an older checkpoint: a read that
+    fails on one process only would leave the others waiting, so a damaged checkpoint is a one-line error that
+    names the older one to pass as ``resume=PATH``."""
+    from rewardtune.utils import fsdp
+
+    folder = folders[0]
+    if not is_sharded_checkpoint(folder):
+        raise UserError(f"checkpoint {str(folder)!r} was written without FSDP; resume it with fsdp=false (and the "
+                        "launch it was written with)")
+    try:
+        state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+        fsdp.load_sharded(folder / SHARDS, model, optimizer)
+    except Exception as exc:  # torch.distributed.checkpoint and pickle readers raise many types on damaged files
+        older = f"; resume={folders[1]} resumes from the one before" if len(folders) > 1 else ""
+        detail = (str(exc).splitlines() or ["damaged"])[0][:200]
+        raise UserError(f"checkpoint {str(folder)!r} is unreadable ({type(exc).__name__}: {detail}){older}") from None
+    algorithm.load_state_dict(state["algorithm"])
+    set_rng_state(state["rng"])
+    logger.info("resumed from %s (epoch %d, sharded)", folder, state["epoch"])
+    return int(state["epoch"]), state.get("extra", {})

@@ -210,6 +210,9 @@ class RunConfig:
     ``keep_last``: checkpoints kept. ``mixed_precision``:
     autocast of the UNet forward by accelerate (weights and optimizer stay fp32; log-probs are computed in fp32);
     ``gradient_checkpointing``: recompute UNet activations in the backward pass (less memory, ~30 % more time).
+    ``fsdp``: shard the denoiser's weights, gradients and optimizer states over the processes (torch's FSDP2,
+    :mod:`rewardtune.utils.fsdp`; full finetuning only, bf16 or fp32; also on when accelerate is launched with an
+    FSDP config such as ``configs/accelerate/fsdp.yaml``): checkpoints stay sharded, ``final/`` is gathered.
     ``log_with``: null/none, tensorboard or wandb: the accelerate tracker that also gets each epoch's metrics and
     every evaluation grid (TensorBoard writes event files to output_dir/rewardtune, appended to on resume; needs
     pip install tensorboard or pip install wandb); it may change on resume.
@@ -236,6 +239,7 @@ class RunConfig:
     lora_alpha: float | None = None
     mixed_precision: str | None = None
     gradient_checkpointing: bool = False
+    fsdp: bool = False
     eval_prompts: list[str] = field(default_factory=_default_eval_prompts)
     eval_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     device: str = "cpu"
@@ -261,5 +265,12 @@ class RunConfig:
         require(bool(self.eval_seeds) and all(s >= 0 for s in self.eval_seeds), "eval_seeds",
                 "a non-empty list of seeds >= 0", self.eval_seeds)
         require(bool(str(self.output_dir).strip()), "output_dir", "a folder path", self.output_dir)
+        require(not (self.fsdp and self.lora_rank), "fsdp",
+                "false with LoRA (FSDP shards full finetuning; adapters are small): set lora_rank=null or fsdp=false",
+                self.fsdp)
+        require(not (self.fsdp and self.train.dense.kind not in ("none", "x0")), "fsdp",
+                "false with train.dense.kind implicit or progress (their extra models are not sharded)", self.fsdp)
+        require(not (self.fsdp and self.mixed_precision == "fp16"), "fsdp",
+                "false with mixed_precision=fp16 (use bf16 with FSDP)", self.fsdp)
         require(self.log_with in (None, "none", "tensorboard", "wandb"), "log_with",
                 "null, 'none', 'tensorboard' or 'wandb'", self.log_with)

@@ -42,16 +42,21 @@ class Scorers:
 
 
 def evaluate(pipe, scorers: Scorers, evals: EvalSet, heldout: list[str], sampling: SamplingConfig, out: Path,
-             epoch: int, heldout_scores: dict[str, float] | None = None) -> dict:
+             epoch: int, heldout_scores: dict[str, float] | None = None, write: bool = True) -> dict:
     """Sample the evaluation prompts (rows) x seeds (columns) into ``out/grids/epoch_NNNN.png``, score them with
     the trained reward and the gold reward, score the held-out prompts (or take ``heldout_scores`` already computed
     for this model, e.g. by the epoch's metrics), and append the scores to ``eval.jsonl``.
 
-    Returns ``{epoch, eval_reward[, eval_gold][, heldout_reward, heldout_gold]}``.
+    Returns ``{epoch, eval_reward[, eval_gold][, heldout_reward, heldout_gold]}``. ``write=False`` (the other
+    processes of an FSDP-sharded model) only runs the model's forward passes and returns ``{}``.
     """
     prompts = [p for p in evals.prompts for _ in evals.seeds]
     seeds = [s for _ in evals.prompts for s in evals.seeds]
     images = generate(pipe, evals.prompts, seeds, sampling, per_prompt=len(evals.seeds)).images
+    if not write:
+        if heldout and heldout_scores is None:
+            score_heldout(pipe, scorers, heldout, sampling)
+        return {}
     path = save_png(make_grid(images, ncol=len(evals.seeds)), Path(out) / "grids" / f"epoch_{epoch:04d}.png")
     logger.info("wrote %s", path)
     record = {"epoch": epoch, **_scores(scorers, images, prompts, "eval")}

@@ -41,12 +41,15 @@ import torch
 
 from rewardtune.config import save_config
 from rewardtune.diffusion.backbones import UNetBackbone, backbone_of
+from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import (
     list_checkpoints,
     load_checkpoint,
+    load_sharded_checkpoint,
     resume_candidates,
     save_checkpoint,
     save_final_model,
+    save_sharded_checkpoint,
 )
 from rewardtune.finetune.config import FinetuneConfig, RunConfig
 from rewardtune.finetune.report import (
@@ -59,6 +62,7 @@ from rewardtune.finetune.report import (
     summarise_run,
 )
 from rewardtune.finetune.tracking import MetricsLog, Trackers
+from rewardtune.utils import fsdp
 
 if TYPE_CHECKING:
     from rewardtune.finetune.algorithms import Algorithm
@@ -133,7 +137,9 @@ class Trainer:
     as prepared by accelerate (maybe DDP-wrapped; :meth:`bare` is the pipeline's own); ``reference`` the model of
     PRDP's log-ratios (see :mod:`rewardtune.finetune.rollout`); ``dense`` the per-step advantages of ``train.dense``
     (None: outcome only); ``reward_queries`` the training reward's queries so far (outcome, dense ``x0`` and Monte
-    Carlo ones; evaluation, held-out and gold scoring are measurements and not counted)."""
+    Carlo ones; evaluation, held-out and gold scoring are measurements and not counted); ``sharded``: the denoiser
+    is FSDP-sharded over the processes (:mod:`rewardtune.utils.fsdp`), so every process takes part in each of its
+    forward passes (grids and held-out scores included; only the main process writes) and checkpoints."""
 
     cfg: RunConfig
     plan: RunPlan
@@ -149,6 +155,7 @@ class Trainer:
     trackers: Trackers
     dense: DenseAdvantages | None = None
     reward_queries: int = 0
+    sharded: bool = False
 
     @classmethod
     def build(cls, cfg: RunConfig, plan: RunPlan, accelerator) -> Trainer:
@@ -156,7 +163,6 @@ class Trainer:
         rewards."""
         from rewardtune.diffusion.loading import load_pipeline
         from rewardtune.finetune.algorithms import make_algorithm
-        from rewardtune.finetune.update import make_optimizer
         from rewardtune.rewards import load_reward
 
         seed_everything(cfg.train.seed)
@@ -168,14 +174,14 @@ class Trainer:
         reference = _add_trainable(pipe, cfg)
         algorithm = make_algorithm(cfg.train)
         dense = _make_dense(cfg, algorithm, backbone.denoiser(pipe), accelerator.num_processes)
-        optimizer = make_optimizer(backbone.denoiser(pipe).parameters(), cfg.train.optim)
-        unet, optimizer = accelerator.prepare(backbone.denoiser(pipe), optimizer)
+        sharded = fsdp.fsdp_requested(accelerator, cfg.fsdp)
+        unet, optimizer = _prepare_denoiser(backbone.denoiser(pipe), backbone, cfg, accelerator, sharded)
         reward = load_reward(cfg.train.reward, device=device).to(device).eval()
         gold = load_reward(cfg.gold_reward, device=device).to(device).eval() if cfg.gold_reward else None
         out = Path(cfg.output_dir)
         return cls(cfg, plan, accelerator, pipe, unet, optimizer, algorithm, reference,
                    Scorers(reward, gold), out, EvalSet(cfg.eval_prompts, cfg.eval_seeds),
-                   Trackers(cfg, accelerator, out), dense)
+                   Trackers(cfg, accelerator, out), dense, sharded=sharded)
 
     @property
     def bare(self) -> torch.nn.Module:
@@ -192,7 +198,9 @@ class Trainer:
 
         candidates = resume_candidates(self.cfg.resume, self.out)
         start, extra = 0, {}
-        if candidates:
+        if candidates and self.sharded:
+            start, extra = load_sharded_checkpoint(candidates, self.unet, self.optimizer, self.algorithm)
+        elif candidates:
             start, extra = load_checkpoint(candidates, self.bare, self.optimizer, self.algorithm)
         self.reward_queries = int(extra.get("reward_queries", 0))
         if self.dense is not None and "dense" in extra:
@@ -230,7 +238,7 @@ class Trainer:
         seconds = {"sampling": sampled - start - reward_seconds, "reward": reward_seconds,
                    **({"dense": densed - sampled} if dense is not None else {}), "update": updated - densed}
         heldout = {}
-        if self.plan.heldout and self.main:
+        if self.plan.heldout and (self.main or self.sharded):
             heldout = score_heldout(self.pipe, self.scorers, self.plan.heldout, train.sampling)
         record = epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
         self.reward_queries += reward.queries * acc.num_processes  # every process scores an equal share
@@ -257,7 +265,8 @@ class Trainer:
         try:
             return update_epoch(self.unet, self.optimizer, rollouts, local, self.algorithm,
                                 scheduler=self.pipe.scheduler, generator=generator, backward=acc.backward,
-                                clip_grad_norm=acc.clip_grad_norm_, targets=targets)
+                                clip_grad_norm=clip_sharded_grad_norm if self.sharded else acc.clip_grad_norm_,
+                                targets=targets)
         except DivergedError as exc:
             kept = list_checkpoints(self.out)
             last = f"the last good checkpoint is {kept[-1][1]}" if kept else "no checkpoint was written yet"
@@ -269,7 +278,9 @@ class Trainer:
         """The fixed evaluation grid and scores of the current model (see :func:`report.evaluate`), also sent to
         the tracker."""
         record = evaluate(self.pipe, self.scorers, self.evals, self.plan.heldout, self.cfg.train.sampling,
-                          self.out, epoch, heldout_scores)
+                          self.out, epoch, heldout_scores, write=self.main)
+        if not self.main:  # a sharded model's other processes only took part in its forward passes
+            return record
         self.trackers.log(record, epoch, prefix="eval/")
         self.trackers.grid(self.out / "grids" / f"epoch_{epoch:04d}.png", epoch)
         return record
@@ -284,12 +295,17 @@ class Trainer:
 
     def checkpoint(self, done: int, record: dict) -> None:
         """Checkpoint ``done`` epochs, then evaluate that model (held-out scores reused from the epoch's record)."""
-        self.accelerator.wait_for_everyone()
-        if self.main:
-            extra = {"reward_queries": self.reward_queries}
-            if self.dense is not None:
-                extra["dense"] = self.dense.state_dict()
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        extra = {"reward_queries": self.reward_queries}
+        if self.dense is not None:
+            extra["dense"] = self.dense.state_dict()
+        if self.sharded:
+            save_sharded_checkpoint(self.out, done, self.unet, self.optimizer, self.algorithm, self.cfg.keep_last,
+                                    acc.wait_for_everyone, self.main, extra)
+        elif self.main:
             save_checkpoint(self.out, done, self.bare, self.optimizer, self.algorithm, self.cfg.keep_last, extra)
+        if self.main or self.sharded:
             self.evaluate(done, {k: record[k] for k in HELDOUT_KEYS if k in record})
 
     def finish(self, record: dict, start: int, began: float) -> dict:
@@ -297,10 +313,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         final = self.out / "final"
-        in_sync = ranks_in_sync(acc, acc.unwrap_model(self.unet))
+        in_sync = True if self.sharded else ranks_in_sync(acc, acc.unwrap_model(self.unet))
+        model = gather_sharded(self.unet) if self.sharded else acc.unwrap_model(self.unet)
         summary = {}
         if self.main:
-            backbone_of(self.pipe).set_denoiser(self.pipe, acc.unwrap_model(self.unet))
+            backbone_of(self.pipe).set_denoiser(self.pipe, model)
             save_final_model(self.pipe, self.bare, final, lora=bool(self.cfg.lora_rank),
                              base_model=base_model_name(self.cfg.model))
             summary = summarise_run(record, self.out, final, start, self.cfg.epochs, time.perf_counter() - began)
@@ -313,6 +330,7 @@ class Trainer:
         try:
             if self.main:
                 save_config(self.cfg, self.out / "config.yaml")
+            if self.main or self.sharded:
                 self.evaluate_if_missing(start)
             log = MetricsLog(self.out, self.main, range(start, self.cfg.epochs), self.cfg.train.algorithm,
                              self.trackers)
@@ -335,13 +353,43 @@ def _make_dense(cfg: RunConfig, algorithm: Algorithm, model: torch.nn.Module, pr
                 ) -> DenseAdvantages | None:
     """The run's dense advantages (:func:`rewardtune.finetune.dense.make_dense`), built from the denoiser before
     any update (PRIME's implicit PRM starts as a copy of it)."""
-    from rewardtune.errors import UserError
     from rewardtune.finetune.dense import make_dense
 
     if cfg.train.dense.kind == "implicit" and processes > 1:
         raise UserError("train.dense.kind=implicit (PRIME) runs in one process: its implicit PRM is not "
                         "synchronised across processes; launch without accelerate or pick another dense kind")
     return make_dense(cfg.train, algorithm, model)
+
+
+def _prepare_denoiser(model: torch.nn.Module, backbone, cfg: RunConfig, accelerator, sharded: bool
+                      ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The trained denoiser and its optimizer: FSDP-sharded block by block (the optimizer then holds the shards),
+    or prepared by accelerate (DDP-wrapped over several processes)."""
+    from rewardtune.finetune.update import make_optimizer
+
+    if sharded:
+        if cfg.lora_rank:
+            raise UserError("the launch asks for FSDP (accelerate's FSDP config) but lora_rank is set: FSDP shards "
+                            "full finetuning; set lora_rank=null or launch without the FSDP config")
+        fsdp.shard(model, backbone.shard_units(model))
+        return model, make_optimizer(model.parameters(), cfg.train.optim)
+    return accelerator.prepare(model, make_optimizer(model.parameters(), cfg.train.optim))
+
+
+def clip_sharded_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` over sharded parameters: the norm of the full gradient (its shards' norms combined)."""
+    return fsdp.full_grad_norm(torch.nn.utils.clip_grad_norm_(list(parameters), max_norm))
+
+
+def gather_sharded(model: torch.nn.Module) -> torch.nn.Module | None:
+    """An unsharded copy of the FSDP-sharded ``model`` on the main process (None elsewhere); every process calls
+    this (the full weights are gathered once)."""
+    state = fsdp.full_state_dict(model)
+    if not state:
+        return None
+    plain = type(model).from_config(model.config)
+    plain.load_state_dict(state)
+    return plain.to(next(iter(state.values())).dtype)
 
 
 def _add_trainable(pipe, cfg: RunConfig) -> Reference:

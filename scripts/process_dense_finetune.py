@@ -43,14 +43,18 @@ def curve(folder: Path) -> list[dict]:
     """Per evaluated epoch: ``queries`` (cumulative training reward queries), ``gold`` / ``proxy`` (gain of the
     fixed evaluation over epoch 0), and the epoch's ``raw_sum`` / ``dense_sum`` (summed raw / transformed x0 step
     rewards of its rollouts, when it has them)."""
+    import yaml
+
     evals = read_jsonl(folder / "eval.jsonl")
     metrics = {r["epoch"]: r for r in read_jsonl(folder / "metrics.jsonl")}
+    train = yaml.safe_load((folder / "config.yaml").read_text())["train"]
+    outcome = train["prompts_per_epoch"] * train["images_per_prompt"]  # an outcome-only run logs no count
     first = evals[0]
     points = []
     for record in evals:
         epoch = record["epoch"]
         m = metrics.get(epoch, {})
-        points.append({"epoch": epoch, "queries": m.get("reward_queries", 0) if epoch else 0,
+        points.append({"epoch": epoch, "queries": m.get("reward_queries", epoch * outcome),
                        "gold": record["eval_gold"] - first["eval_gold"],
                        "proxy": record["eval_reward"] - first["eval_reward"],
                        "raw_sum": m.get("dense_raw_sum"), "dense_sum": m.get("dense_sum"),

@@ -14,9 +14,10 @@ Each epoch ``e`` (0-based):
    PRIME's implicit PRM updated on the outcome rewards, or PAV progress by Monte Carlo);
 5. K passes of gradient steps (:func:`rewardtune.finetune.update.update_epoch`) with accelerate's backward and
    gradient clipping;
-6. append one line to ``metrics.jsonl`` (with ``reward_queries``: the training reward's queries so far, outcome,
-   x0 and Monte Carlo ones), redraw ``reward_curve.png``; every ``save_every`` epochs write a checkpoint
-   (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the fixed evaluation prompts and seeds.
+6. append one line to ``metrics.jsonl`` (with a dense kind also ``reward_queries``: the training reward's queries
+   so far, outcome, x0 and Monte Carlo ones; outcome-only runs query N*B per epoch), redraw ``reward_curve.png``;
+   every ``save_every`` epochs write a checkpoint (:mod:`rewardtune.finetune.checkpoint`) and an image grid of the
+   fixed evaluation prompts and seeds.
 
 With ``log_with`` the epoch records (numeric scalars, ``reward_components/NAME``), the evaluation scores
 (``eval/KEY``) and grids (``eval/grid``) also go to accelerate's tracker, at step = completed epochs.
@@ -241,9 +242,10 @@ class Trainer:
         if self.plan.heldout and (self.main or self.sharded):
             heldout = score_heldout(self.pipe, self.scorers, self.plan.heldout, train.sampling)
         record = epoch_metrics(epoch + 1, acc, rollouts, gold_scores, gold_components, update, heldout, seconds)
-        self.reward_queries += reward.queries * acc.num_processes  # every process scores an equal share
-        record.update(reward_queries=self.reward_queries, reward_queries_epoch=reward.queries * acc.num_processes,
-                      **dense_metrics)
+        if dense is not None:  # outcome only: today's record, key for key (its queries are N*B per epoch)
+            self.reward_queries += reward.queries * acc.num_processes  # every process scores an equal share
+            record.update(reward_queries=self.reward_queries,
+                          reward_queries_epoch=reward.queries * acc.num_processes, **dense_metrics)
         return record
 
     def dense_targets(self, rollouts: Rollouts, reward: TimedReward) -> tuple[torch.Tensor | None, dict]:
@@ -297,9 +299,7 @@ class Trainer:
         """Checkpoint ``done`` epochs, then evaluate that model (held-out scores reused from the epoch's record)."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        extra = {"reward_queries": self.reward_queries}
-        if self.dense is not None:
-            extra["dense"] = self.dense.state_dict()
+        extra = {} if self.dense is None else {"reward_queries": self.reward_queries, "dense": self.dense.state_dict()}
         if self.sharded:
             save_sharded_checkpoint(self.out, done, self.unet, self.optimizer, self.algorithm, self.cfg.keep_last,
                                     acc.wait_for_everyone, self.main, extra)

@@ -183,7 +183,10 @@ def describe(records: list[dict], figure: Path) -> str:
             f"shapes-tiny, {r0['steps']} DDIM steps (eta 1, guidance 5), {len(r0['prompts'])} trajectories x "
             f"{len(records)} seeds ({', '.join(str(r['seed']) for r in records)}) of fully specified {SPLITS[split]} "
             f"prompts; prover = the same model and sampler; K = {r0['k']} continuations per branch point, each read "
-            f"by the gold oracle; sweep wall time {seconds:.0f} s in all (shared, contended CPU).\n\n"
+            f"by the gold oracle; sweep wall time {seconds:.0f} s in all (shared, contended CPU). Run: "
+            f"`OMP_NUM_THREADS=1 python scripts/process_decisive_steps.py --split {split} --seeds "
+            f"{' '.join(str(r['seed']) for r in records)} --trajectories {len(r0['prompts'])} --steps {r0['steps']} "
+            f"--k {r0['k']}`.\n\n"
             + table + "\n\n" + live_check(records, r0["k"])
             + f"\n![decisive steps, {split}](docs/figures/{figure.name})\n")
 
@@ -195,7 +198,9 @@ NOTES = ("Columns: *won* is the fraction of trajectories whose final image meets
          "estimates) returns the sweep's j\\* (they differ only where decidedness is not monotone in j); queries "
          "count decoded images scored (1 for the final image + K per branch point; the sweep's are shared by the "
          "five attributes, since one oracle read gives all five). Outcome *final*: the oracle reads the value the "
-         "trajectory's own final image shows; *prompt*: it reads the prompted value (won or lost).\n")
+         "trajectory's own final image shows; *prompt*: it reads the prompted value (won or lost). Caveat: decided "
+         "means no counterexample among K continuations; at K = 8 a branch point whose true value is 0.95 passes "
+         "66 % of the time, so j\\* leans early (raise --k for stricter calls).\n")
 
 
 def main() -> None:

@@ -47,7 +47,7 @@ def test_preset_folders_belong_to_the_commands_that_read_them():
 
     assert preset_schema("prdp") is RunConfig and preset_schema("ddpo") is RunConfig
     assert preset_schema("prune") is PruneConfig and preset_schema("sample") is SampleConfig
-    shipped = {p.parent.name for p in CONFIGS.rglob("*.yaml")}
+    shipped = {p.parent.name for p in CONFIGS.rglob("*.yaml")} - {"accelerate"}  # launch configs of accelerate
     for job in shipped:
         preset_schema(job)  # every folder of configs/ has a command
 

@@ -84,7 +84,8 @@ def test_parse_overrides_nests_dotted_keys():
     assert parse_overrides(["a.b.c=1", "a.d=x"]) == {"a": {"b": {"c": "1"}, "d": "x"}}
 
 
-SHIPPED = sorted(CONFIGS.rglob("*.yaml"))
+LAUNCHERS = CONFIGS / "accelerate"  # accelerate launch configs, read by `accelerate launch`, not rewardtune presets
+SHIPPED = sorted(p for p in CONFIGS.rglob("*.yaml") if LAUNCHERS not in p.parents)
 
 
 def test_there_are_shipped_presets():
@@ -107,3 +108,17 @@ class WithPreset:
 def test_a_section_overrides_its_default_factory_key_by_key():
     cfg = load_config(WithPreset, None, ["optim.lr=0.25"])
     assert cfg.optim == Optim(lr=0.25, betas=[0.1, 0.2])
+
+
+def test_the_accelerate_fsdp_config_turns_on_sharding(monkeypatch):
+    """configs/accelerate/fsdp.yaml asks accelerate for FSDP2, which accelerate announces as ACCELERATE_USE_FSDP;
+    rewardtune shards on that (or on fsdp=true) whatever accelerate decides for the device."""
+    from rewardtune.utils.fsdp import fsdp_requested
+
+    launch = yaml.safe_load((LAUNCHERS / "fsdp.yaml").read_text())
+    assert launch["distributed_type"] == "FSDP" and launch["fsdp_config"]["fsdp_version"] == 2
+    plain = type("Accelerator", (), {"distributed_type": "DistributedType.MULTI_CPU"})()
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert not fsdp_requested(plain) and fsdp_requested(plain, flag=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert fsdp_requested(plain)

@@ -214,6 +214,19 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(cfg))
 
 
+def schema_defaults(schema: type) -> dict[str, Any]:
+    """The nested defaults of a config dataclass: ``{field: default}`` for every field that has one (a nested
+    config section becomes its own dict)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+            out[f.name] = to_dict(value) if dataclasses.is_dataclass(value) else value
+    return out
+
+
 def save_config(cfg: Any, path: str | Path) -> Path:
     """Write the resolved config as YAML (atomically)."""
     return atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

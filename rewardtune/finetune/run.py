@@ -15,6 +15,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from rewardtune.config import schema_defaults
 from rewardtune.errors import UserError
 from rewardtune.finetune.checkpoint import resume_candidates
 from rewardtune.finetune.config import RunConfig
@@ -149,6 +150,7 @@ def run_finetune(cfg: RunConfig) -> dict:
     owner = contextlib.nullcontext()
     if accelerator.is_main_process:
         owner = claim_run_folder(cfg.output_dir, "finetune", plan.settings, resume=cfg.resume is not None,
+                                 defaults=schema_defaults(RunConfig),
                                  allow_changes=cfg.resume_allow_changes)
     with owner:
         accelerator.wait_for_everyone()

@@ -38,10 +38,15 @@ def flatten(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """``{dotted key: (old, new)}`` for every setting that differs (missing on one side counts as None)."""
-    a, b = flatten(old), flatten(new)
-    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+def changed_keys(old: dict[str, Any], new: dict[str, Any], defaults: dict[str, Any] | None = None
+                 ) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (old, new)}`` for every setting that differs (missing on one side counts as None). A key the
+    old run lacks whose new value is its default in ``defaults`` is no change: a setting added to rewardtune after
+    the run started, at its default, is what the run did."""
+    a, b, d = flatten(old), flatten(new), flatten(defaults or {})
+    added_at_default = {k for k in set(b) - set(a) if k in d and b[k] == d[k]}
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and k not in added_at_default}
 
 
 def _is_foreign(out: Path) -> bool:
@@ -71,14 +76,15 @@ def _read_marker(out: Path) -> dict[str, Any]:
         raise UserError(f"run folder {str(out)!r} has an unreadable {MARKER}; choose a new output folder") from None
 
 
-def _check_settings(out: Path, marker: dict, command: str, settings: dict, allow: list[str]) -> list[dict]:
+def _check_settings(out: Path, marker: dict, command: str, settings: dict, allow: list[str],
+                    defaults: dict | None = None) -> list[dict]:
     """Refuse to resume a run of another command or with other settings, unless each change is allowed.
 
     Returns the marker's change history with this resume's accepted changes appended."""
     if marker.get("command") != command:
         raise UserError(f"run folder {str(out)!r} holds a `rewardtune {marker.get('command')}` run, not "
                         f"`{command}`; choose another output folder")
-    changes = changed_keys(marker.get("settings", {}), settings)
+    changes = changed_keys(marker.get("settings", {}), settings, defaults)
     refused = [k for k in changes if not any(k == a or k.startswith(a + ".") for a in allow)]
     if refused:
         listed = ", ".join(f"{k} ({changes[k][0]!r} -> {changes[k][1]!r})" for k in refused[:6])
@@ -106,13 +112,15 @@ def _now() -> str:
 
 @contextlib.contextmanager
 def claim_run_folder(out: str | Path, command: str, settings: dict[str, Any], resume: bool,
-                     allow_changes: list[str] | None = None) -> Iterator[Path]:
+                     allow_changes: list[str] | None = None, defaults: dict[str, Any] | None = None
+                     ) -> Iterator[Path]:
     """Own ``out`` for the duration of the block (see the module docstring).
 
     Args:
         settings: the (nested) settings that define the run; a resume must match them key by key.
         resume: continue an existing run of ``command`` in ``out``; without it an existing run is refused.
         allow_changes: dotted keys (or section prefixes) whose values may differ on resume.
+        defaults: the schema's (nested) defaults: a setting the stored run lacks is accepted at its default.
 
     Raises:
         UserError: ``out`` is a file, a foreign non-empty folder, locked by another process, an existing run
@@ -139,7 +147,7 @@ def claim_run_folder(out: str | Path, command: str, settings: dict[str, Any], re
             if not resume:
                 raise UserError(f"output folder {str(out)!r} already holds a run; pass resume=auto to continue it "
                                 "or choose a new output folder")
-            history = _check_settings(out, marker, command, settings, allow_changes or [])
+            history = _check_settings(out, marker, command, settings, allow_changes or [], defaults)
             marker.update(settings=settings, changes=history)
             _remove_stale_temporaries(out)
         else:

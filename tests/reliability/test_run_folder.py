@@ -271,3 +271,19 @@ def test_device_cuda_without_cuda_is_one_line_before_any_output(tiny_pipeline_di
     assert main(args(tiny_pipeline_dir, tmp_path / "r", "device=cuda")) == 2
     assert "device 'cuda' requested but CUDA is not available" in one_line_error(capsys)
     assert not (tmp_path / "r").exists()
+
+
+def test_a_setting_added_after_the_run_started_resumes_at_its_default(tiny_pipeline_dir, tmp_path, capsys):
+    """A run written before a setting existed (its marker lacks ``fsdp`` and ``train.dense``) resumes when the
+    setting is at its default, which is what that run did; the same missing key at another value is refused."""
+    out = tmp_path / "old"
+    assert main(args(tiny_pipeline_dir, out)) == 0
+    marker_path = out / ".rewardtune_run.json"
+    marker = json.loads(marker_path.read_text())
+    del marker["settings"]["fsdp"], marker["settings"]["train"]["dense"]
+    marker_path.write_text(json.dumps(marker))
+    assert main(args(tiny_pipeline_dir, out, "epochs=2", "resume=auto", "train.dense.weight=0.5",
+                     "resume_allow_changes=[epochs]")) == 2
+    err = one_line_error(capsys)
+    assert "train.dense.weight (None -> 0.5)" in err and "fsdp" not in err and "dense.kind" not in err
+    assert main(args(tiny_pipeline_dir, out, "epochs=2", "resume=auto", "resume_allow_changes=[epochs]")) == 0

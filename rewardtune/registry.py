@@ -31,6 +31,16 @@ class Registry(Generic[T]):
             raise UserError(f"unknown {self.kind} {name!r}; choose one of: {', '.join(self.names())}")
         return self._entries[name]
 
+    def load(self, name: str) -> T:
+        """:meth:`get`, importing a lazy ``"package.module:Attribute"`` string entry on first use."""
+        entry = self.get(name)
+        if isinstance(entry, str):
+            import importlib
+
+            module, _, attr = entry.partition(":")
+            entry = self._entries[name] = getattr(importlib.import_module(module), attr)
+        return entry
+
     def names(self) -> list[str]:
         return sorted(self._entries)
 

@@ -30,7 +30,6 @@ This module imports torch only inside the entries' methods, so configs validate 
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -264,11 +263,7 @@ class GRPO:
 
 def algorithm_entry(name: str) -> type:
     """The registered class of algorithm ``name`` (a lazy ``"module:Class"`` entry is imported here)."""
-    entry = ALGORITHMS.get(name)
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attr)
-    return entry
+    return ALGORITHMS.load(name)
 
 
 def algorithm_options(cfg: FinetuneConfig) -> Any:

@@ -180,13 +180,7 @@ class ProgressStepRewards:
 
 def dense_kind(name: str) -> type:
     """The registered class of dense kind ``name`` (a lazy ``"module:Class"`` entry is imported here)."""
-    import importlib
-
-    entry = DENSE_KINDS.get(name)
-    if isinstance(entry, str):
-        module, _, attr = entry.partition(":")
-        entry = getattr(importlib.import_module(module), attr)
-    return entry
+    return DENSE_KINDS.load(name)
 
 
 class DenseAdvantages:

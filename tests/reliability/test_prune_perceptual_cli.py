@@ -60,8 +60,8 @@ def test_prune_diverged_recovery_saves_nothing(tiny_pipeline_dir, tmp_path, caps
 
 
 @pytest.mark.parametrize("method, extra, valid", [
-    ("structured", [], "global_pruning, ignored, round_to"),
-    ("structured", ["importance=diff_pruning"], "global_pruning, ignored, round_to, seed, stride, thr"),
+    ("structured", [], "global_pruning, ignored, ratios, round_to"),
+    ("structured", ["importance=diff_pruning"], "global_pruning, ignored, ratios, round_to, seed, stride, thr"),
     ("blocks", [], "layers_per_block, mid_block"),
     ("magnitude", [], "min_keep"),
     ("lottery", [], "min_keep, round_steps, rounds"),

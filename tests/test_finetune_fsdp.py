@@ -37,6 +37,7 @@ CONFIG = {
 }
 
 
+@pytest.mark.slow  # two 2-process launches (~1.5 min); tests/test_fsdp.py checks the sharded step by default
 def test_fsdp_trains_keeps_sharded_checkpoints_resumes_and_saves_a_diffusers_model(tiny_pipeline_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
 

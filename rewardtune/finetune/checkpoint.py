@@ -109,9 +109,7 @@ def save_checkpoint(output_dir: str | Path, epoch: int, unet, optimizer, algorit
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"epoch_{epoch}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
-        for stale in [*root.glob(".tmp_epoch_*"), *root.glob(".old_epoch_*")]:  # left by a killed run
-            shutil.rmtree(stale, ignore_errors=True)
+        _prepare_root(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".tmp_epoch_{epoch}_", dir=root))
         try:
             _write_checkpoint_files(tmp, epoch, unet, optimizer, algorithm, extra or {})
@@ -149,15 +147,12 @@ def save_sharded_checkpoint(output_dir: str | Path, epoch: int, model, optimizer
     final, tmp = root / f"epoch_{epoch}", root / f".tmp_epoch_{epoch}_sharded"
     try:
         if main:
-            root.mkdir(parents=True, exist_ok=True)
-            for stale in [*root.glob(".tmp_epoch_*"), *root.glob(".old_epoch_*")]:
-                shutil.rmtree(stale, ignore_errors=True)
+            _prepare_root(root)
         barrier()
         fsdp.save_sharded(tmp / SHARDS, model, optimizer)
         barrier()
         if main:
-            torch.save({"epoch": epoch, "algorithm": algorithm.state_dict(), "rng": rng_state(),
-                        **({"extra": extra} if extra else {})}, tmp / "state.pt")
+            torch.save(_run_state(epoch, algorithm, extra), tmp / "state.pt")
             for path in [tmp / "state.pt", *(tmp / SHARDS).iterdir()]:
                 fsync_file(path)
             fsync_dir(tmp / SHARDS)
@@ -172,12 +167,24 @@ def save_sharded_checkpoint(output_dir: str | Path, epoch: int, model, optimizer
     return final
 
 
+def _prepare_root(root: Path) -> None:
+    """Create the checkpoints folder and remove temporaries left by a killed run."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in [*root.glob(".tmp_epoch_*"), *root.glob(".old_epoch_*")]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _run_state(epoch: int, algorithm, extra: dict | None) -> dict:
+    """``state.pt``'s entries besides the optimizer: epoch, algorithm state, RNG states and ``extra``."""
+    return {"epoch": epoch, "algorithm": algorithm.state_dict(), "rng": rng_state(),
+            **({"extra": extra} if extra else {})}
+
+
 def _write_checkpoint_files(folder: Path, epoch: int, unet, optimizer, algorithm, extra: dict) -> None:
     from safetensors.torch import save_file
 
     save_file(trainable_state(unet), str(folder / "trainable.safetensors"))
-    torch.save({"epoch": epoch, "optimizer": optimizer.state_dict(), "algorithm": algorithm.state_dict(),
-                "rng": rng_state(), **({"extra": extra} if extra else {})}, folder / "state.pt")
+    torch.save({**_run_state(epoch, algorithm, extra), "optimizer": optimizer.state_dict()}, folder / "state.pt")
     for name in ("trainable.safetensors", "state.pt"):
         fsync_file(folder / name)
     fsync_dir(folder)

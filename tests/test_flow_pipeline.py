@@ -118,7 +118,8 @@ def test_same_latent_shares_x_T_within_a_prompt_group(flow_pipe):
     seeds = [3, 4, 5, 6]
     shared = generate(flow_pipe, PROMPTS, seeds, SamplerSettings(steps=3, eta=0.7, same_latent=True, batch_size=3),
                       per_prompt=2, keep_trajectories=True)
-    plain = generate(flow_pipe, PROMPTS, seeds, SamplerSettings(steps=3, eta=0.7), per_prompt=2,
+    # the same batch layout on both sides: matmuls may round differently at another batch size
+    plain = generate(flow_pipe, PROMPTS, seeds, SamplerSettings(steps=3, eta=0.7, batch_size=3), per_prompt=2,
                      keep_trajectories=True)
     x_T = shared.trajectory.latents[:, 0]
     assert torch.equal(x_T[0], x_T[1]) and torch.equal(x_T[2], x_T[3]) and not torch.equal(x_T[0], x_T[2])

@@ -25,6 +25,12 @@ Cases (one JSON row each; ``--cases`` takes comma-separated ``fnmatch`` patterns
   reward (a random CLIP ViT-L/14 image tower in the ``CLIPModel`` folder format plus a random head, loaded through
   :func:`rewardtune.rewards.load_reward` from a local folder) in one batched call, against one call per image;
   ``ratio`` = (seconds of the one-per-call way) / (seconds of the batched call);
+* ``sparse24-sd15``: 2:4 semi-structured sparsity (``rewardtune prune`` method ``semi_structured``) of the sd15
+  UNet's Linear layers: one forward of ``2 * batch_size`` rows (guidance) in fp16 with the 2:4 zeros in dense
+  tensors against the same weights as ``torch.sparse.to_sparse_semi_structured`` tensors (sparse kernels):
+  ``speedup`` = dense / sparse seconds, ``max_abs_diff`` between the two outputs. Where the kernels cannot run (the
+  CPU, a GPU below compute capability 8.0) the row is ``unsupported`` with the reason, after checking the 2:4 masks
+  (exactly half of each eligible layer's weights zeroed), and the exit status is unaffected;
 * ``{sd15,sd35m}-{lora,full}-{nogc,gc}-prdp`` and ``{sd15,sd35m}-lora-nogc-grpo``: a 2-epoch finetune (the trained
   reward is ``jpeg_incompressibility``, which loads without model files: the run config cannot pass reward options),
   with accelerate's mixed precision ``fp16`` for sd15 and ``bf16`` for sd35m (on the CPU both use bf16: accelerate
@@ -81,6 +87,7 @@ MODELS = ("sd15", "sd35m")
 PRECISION = {"sd15": "fp16", "sd35m": "bf16"}  # each model's usual half precision
 ETA = {"sd15": 1.0, "sd35m": 0.7}  # DDIM eta 1 (PRDP); the flow SDE's noise level 0.7 (Flow-GRPO)
 REWARD_CASE = "reward-aesthetic"
+SPARSE_CASE = "sparse24-sd15"  # 2:4 semi-structured Linear sparsity of the SD-1.5-size UNet (issue 15)
 
 
 @dataclass(frozen=True)
@@ -102,7 +109,7 @@ class Size:
 # Full size: per epoch 2 prompts x 2 images (PRDP and GRPO need >= 2 per prompt), 8 sampling steps with guidance
 # (8 rows per call), one inner pass (K=1) over the 4 x 8 (sample, step) pairs in chunks of 4 pairs. Estimated on
 # one H200: SD-1.5 ~15 s and SD3.5-M ~40 s per case (loading and both epochs), ~45 s of building, ~10 s of reward
-# timing: ~5 minutes for the 11 rows, inside 8 minutes; --max-seconds (7 minutes) guards the rest.
+# timing, ~10 s for the 2:4 row: ~5 minutes for the 12 rows, inside 8 minutes; --max-seconds (7 min) guards the rest.
 FULL = Size("full", resolution=512, prompts_per_epoch=2, images_per_prompt=2, steps=8, batch_size=4, forward_chunk=4,
             lora_rank=16, reward_images=16, max_seconds=420.0)
 # Toy size: conftest's tiny models, 32 x 32 images, 2 steps; the whole selection of the test runs in seconds.
@@ -134,7 +141,7 @@ def all_cases() -> list[Case]:
 
 
 def case_names() -> list[str]:
-    return [REWARD_CASE] + [c.name for c in all_cases()]
+    return [REWARD_CASE] + [c.name for c in all_cases()] + [SPARSE_CASE]
 
 
 def select(patterns: str | None) -> list[str]:
@@ -391,6 +398,62 @@ def measure_reward(size: Size, device: str, work: Path) -> dict:
     return record
 
 
+def measure_sparse24(size: Size, device: str, model_path: str) -> dict:
+    """Dense-with-2:4-zeros against sparse-kernel forward seconds of the sd15 UNet (see the module docstring)."""
+    from diffusers import UNet2DConditionModel
+
+    from rewardtune.prune.semi_structured import (
+        SemiStructuredOptions,
+        eligible_linears,
+        semi_structured_support,
+        two_four_mask,
+    )
+
+    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    unet = UNet2DConditionModel.from_pretrained(model_path, subfolder="unet", torch_dtype=dtype).to(device).eval()
+    reason = semi_structured_support(device, dtype)
+    # the kernels' shape rules where they run; any multiple of 4 otherwise (the toy UNet is narrower than 64)
+    layers = eligible_linears(unet, SemiStructuredOptions(accelerate=reason is None,
+                                                          min_features=64 if size is FULL else 4))
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.weight.mul_(two_four_mask(layer.weight))
+    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
+    total = sum(m.weight.numel() for m in layers.values())
+    linear_macs = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    record = {"layers": len(layers), "zero_fraction": round(zeros / max(total, 1), 4),
+              "sparse_weight_fraction_of_linear": round(total / max(linear_macs, 1), 4), "dtype": str(dtype)}
+    if reason:
+        return {**record, "status": "unsupported", "reason": reason}
+    from torch.sparse import to_sparse_semi_structured
+
+    rows, latent = 2 * size.batch_size, unet.config.sample_size
+    generator = torch.Generator(device).manual_seed(0)
+    x = torch.randn(rows, unet.config.in_channels, latent, latent, generator=generator, device=device, dtype=dtype)
+    t = torch.full((rows,), 500, device=device)
+    text = torch.randn(rows, 77, unet.config.cross_attention_dim, generator=generator, device=device, dtype=dtype)
+
+    def forward_seconds() -> tuple[float, torch.Tensor]:
+        with torch.no_grad():
+            out = unet(x, t, encoder_hidden_states=text).sample  # warm-up
+            times = []
+            for _ in range(5):
+                sync(device)
+                start = time.perf_counter()
+                out = unet(x, t, encoder_hidden_states=text).sample
+                sync(device)
+                times.append(time.perf_counter() - start)
+        return statistics.median(times), out
+
+    dense_s, dense_out = forward_seconds()
+    for layer in layers.values():
+        layer.weight = torch.nn.Parameter(to_sparse_semi_structured(layer.weight.detach()), requires_grad=False)
+    sparse_s, sparse_out = forward_seconds()
+    return {**record, "rows": rows, "resolution": latent * 8, "dense_seconds": round(dense_s, 5),
+            "sparse_seconds": round(sparse_s, 5), "speedup": round(dense_s / sparse_s, 3),
+            "max_abs_diff": float((dense_out.float() - sparse_out.float()).abs().max())}
+
+
 def run_config(case: Case, size: Size, device: str, model_path: str, out: Path, precision: dict[str, str]):
     from rewardtune.config import load_config
     from rewardtune.finetune.run import RunConfig
@@ -551,6 +614,11 @@ def table(report: dict) -> str:
         lines.append(f"reward scoring ({s['reward']}, {s['images']} images of {s['image_size']} px): batched "
                      f"{s['batched_seconds']:.4f} s, one per call {s['one_per_call_seconds']:.4f} s, "
                      f"ratio {s['ratio']:.2f}x")
+    sp = next((row for row in report["cases"] if row["name"] == SPARSE_CASE and row["status"] == "ok"), None)
+    if sp:
+        lines.append(f"2:4 sparsity ({sp['layers']} Linear layers, {sp['rows']} rows at {sp['resolution']} px): "
+                     f"dense {sp['dense_seconds']:.4f} s, sparse {sp['sparse_seconds']:.4f} s, {sp['speedup']:.2f}x, "
+                     f"max |diff| {sp['max_abs_diff']:.3g}")
     lines.append(f"elapsed {report['elapsed_seconds']:.1f} s of --max-seconds {report['max_seconds']:.0f}")
     return "\n".join(lines)
 
@@ -623,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in selected:
             model = name.split("-")[0]
             row = {"name": name, "model": model if model in MODELS else None, "status": "ok"}
-            if name != REWARD_CASE:
+            if name not in (REWARD_CASE, SPARSE_CASE):
                 case = next(c for c in all_cases() if c.name == name)
                 row.update(algorithm=case.algorithm, lora=case.lora, gradient_checkpointing=case.checkpointing)
             estimate = durations.get(model, 0.0)
@@ -638,6 +706,13 @@ def main(argv: list[str] | None = None) -> int:
                     if name == REWARD_CASE:
                         free_memory(device)
                         row.update(measure_reward(size, device, work), **peak_memory(device))
+                    elif name == SPARSE_CASE:
+                        if "sd15" not in report["models"]:
+                            log(f"building sd15 ({size.name})")
+                            report["models"]["sd15"] = build_model("sd15", work / "sd15", size, device)
+                        free_memory(device)
+                        row.update(measure_sparse24(size, device, report["models"]["sd15"]["path"]),
+                                   **peak_memory(device))
                     else:
                         if model not in report["models"]:
                             log(f"building {model} ({size.name})")

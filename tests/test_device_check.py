@@ -95,3 +95,13 @@ def test_the_wrapper_runs_the_full_size_and_prints_the_json_path(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == f"{tmp_path / 'o'}/device_check.json"
     assert (tmp_path / "args").read_text().split() == [str(SCRIPT), "--size", "full", "--out", str(tmp_path / "o"),
                                                        "--cases", "sd15-*"]
+
+
+def test_two_four_sparsity_row_says_why_it_cannot_run_on_the_cpu(device_check, tmp_path):
+    code, report = run(device_check, tmp_path, "--cases", device_check.SPARSE_CASE)
+    assert code == 0  # unsupported hardware is a result, not a failure
+    row = report["cases"][0]
+    assert row["name"] == "sparse24-sd15" and row["status"] == "unsupported"
+    assert "compute capability >= 8.0" in row["reason"] and "cpu" in row["reason"]
+    assert row["layers"] > 0 and row["zero_fraction"] == 0.5  # the 2:4 masks were applied before the check
+    assert "sd15" in report["models"]

@@ -2,14 +2,17 @@
 learned proxy ``shapes_preference``; the gold oracle is logged, never trained on). Writes two tables into
 BENCHMARKS.md (sections ``process-dense-efficiency`` and ``process-dense-hacking``) and a figure into docs/figures.
 
-    python scripts/process_dense_finetune.py [--arms outcome prime x0 x0-delta x0-clip] [--seeds 0] [--epochs 5]
+    python scripts/process_dense_finetune.py [--arms outcome prime x0 x0-delta x0-clip progress] [--seeds 0]
+        [--epochs 5]
 
 Arms (one preset each, otherwise identical: prompts, N x B samples per epoch, K passes, sampler, optimiser):
 
 * ``outcome``: ``configs/grpo/shapes_small.yaml`` (outcome advantages only; N*B = 36 reward queries per epoch);
 * ``x0``, ``x0-clip``, ``x0-delta``: ``configs/grpo/shapes_small_dense_x0.yaml`` with ``train.dense.transform``
   none / clip / delta (each step's decoded x0 prediction scored: 360 queries per epoch);
-* ``prime``: ``configs/grpo/shapes_small_prime.yaml`` (implicit PRM trained on the outcome rewards: 36 per epoch).
+* ``prime``: ``configs/grpo/shapes_small_prime.yaml`` (implicit PRM trained on the outcome rewards: 36 per epoch);
+* ``progress``: the x0 preset with ``train.dense.kind=progress`` (PAV: each step's change in the base model's Monte
+  Carlo value, 2 continuations per step: 36 + 36 x 10 x 2 = 756 queries and ~11x the sampling per epoch).
 
 Every run evaluates after each epoch (``save_every=1``: 8 training prompts x 2 fixed seeds, scored by proxy and
 gold), so each arm has a gold-against-reward-queries curve; evidence 2 compares the arms at equal query budgets,
@@ -28,7 +31,8 @@ from runs import FIGURES, ROOT, Arm, add_run_arguments, finished, read_jsonl, ru
 X0 = "configs/grpo/shapes_small_dense_x0.yaml"
 ARMS = {"outcome": ("configs/grpo/shapes_small.yaml", []), "prime": ("configs/grpo/shapes_small_prime.yaml", []),
         "x0": (X0, []), "x0-delta": (X0, ["train.dense.transform=delta"]),
-        "x0-clip": (X0, ["train.dense.transform=clip"])}
+        "x0-clip": (X0, ["train.dense.transform=clip"]),
+        "progress": (X0, ["train.dense.kind=progress", "train.dense.progress_continuations=2"])}
 # An evaluation after every epoch (gold-against-queries curves) on 8 training prompts x 2 seeds; no held-out prompts
 # (their gold does not move in 20 GRPO epochs here, BENCHMARKS.md compare-algorithms): measurement only, every arm.
 COMMON = ["save_every=1", "keep_last=1", "heldout_prompts_file=null", "eval_seeds=[0,1]"]
@@ -102,7 +106,7 @@ def efficiency_table(names: list[str], curves: dict[str, list[list[dict]]], budg
 def hacking_table(names: list[str], curves: dict[str, list[list[dict]]]) -> str:
     """Evidence 3: the summed raw x0 step rewards and the transformed sum (epoch 1 -> E) against proxy and gold, at
     the last epoch E that every x0 arm has run."""
-    names = [n for n in names if ARMS[n][0] == X0]
+    names = [n for n in names if n.startswith("x0")]
     if not names:
         return "(no x0 arm has run)"
     epoch = min(len(c) - 1 for n in names for c in curves[n])
@@ -169,7 +173,8 @@ def main() -> None:
               "(`configs/grpo/shapes_small*.yaml`: N x B = 6 x 6 samples per epoch, 10 DDIM steps); overrides "
               f"`{' '.join(COMMON)}`. Δ = the fixed evaluation (8 training prompts x 2 seeds) after the epoch minus "
               "before finetuning; gold = the hidden oracle, never trained on. Reward queries = every image the "
-              "training reward scored during training (outcome and x0 step images; evaluation not counted). "
+              "training reward scored during training (outcome, x0 step images and Monte Carlo continuations; "
+              "evaluation not counted). "
               "Every arm draws the same prompts and seeds per epoch and starts from the same model, so arms are "
               "paired, but 16 evaluation images and one seed per arm leave gold differences below ~0.01 within "
               "noise. Σ raw x0 step rewards: the sum over the 10 steps of the proxy reward of each step's decoded x0 "

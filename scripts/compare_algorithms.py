@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 
 from controls import grid_figure
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, finished, run_all, table
+from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, finished, paired_difference, run_all, table
 
 MODELS = {"tiny": "shapes_small", "flow": "shapes_flow_small"}
 ARMS = {"prdp": ("prdp", []), "grpo": ("grpo", []), "ddpo": ("ddpo", []),
@@ -29,6 +29,25 @@ COLUMNS = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gol
 def arms(models: list[str], names: list[str]) -> list[Arm]:
     """One arm per model x algorithm arm, named MODEL-ARM."""
     return [Arm(f"{m}-{a}", f"configs/{ARMS[a][0]}/{MODELS[m]}.yaml", ARMS[a][1]) for m in models for a in names]
+
+
+PAIRS = [("prdp", "grpo"), ("prdp", "ddpo"), ("grpo", "ddpo"), ("prdp", "oracle")]
+PAIRED = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
+          ("d_eval_reward", "Δ proxy (eval prompts)")]
+
+
+def paired_table(models: list[str], results: dict[str, list[dict]]) -> str:
+    """Per model, the per-seed differences between two arms (the same seed draws the same prompts and evaluation
+    images in both): mean ± sd and a two-sided paired t-test."""
+    lines = ["| model | difference | " + " | ".join(label for _, label in PAIRED) + " |",
+             "|---" * (len(PAIRED) + 2) + "|"]
+    for model in models:
+        for a, b in PAIRS:
+            x, y = results.get(f"{model}-{a}"), results.get(f"{model}-{b}")
+            if x and y:
+                cells = [paired_difference([r[k] for r in x], [r[k] for r in y]) for k, _ in PAIRED]
+                lines.append(f"| {model} | {a} − {b} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -55,6 +74,8 @@ def main() -> None:
         "over shapes_heldout, one image each); proxy = shapes_preference (the training reward), gold = the hidden "
         "oracle (never trained on, except by `oracle`, the positive control: PRDP on `shapes_gold:40`). "
         "Mean ± std over seeds.", "", table(names, results, COLUMNS), "",
+        "Paired by seed (arm A − arm B per seed; mean ± sd, two-sided paired t-test over the seeds):", "",
+        paired_table(args.models, results), "",
         f"![compare]({figure.relative_to(ROOT)}) Before (left) and after (right) grids of seed {args.seeds[0]}, "
         "one row per run, in the table's order."])
     print(text)

@@ -9,6 +9,7 @@ A run lives in ``OUT/ARM/seedS``; a finished run (``summary.json``) is reused, a
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -106,6 +107,32 @@ def mean_std(values: list[float], fmt: str = "+.3f") -> str:
     if len(values) == 1:
         return f"{values[0]:{fmt}}"
     return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
+
+
+def student_t_p_value(t: float, df: int, intervals: int = 4000) -> float:
+    """Two-sided p-value of Student's t statistic with ``df`` degrees of freedom: ``1 - integral_{-|t|}^{|t|}`` of
+    the t density (Simpson's rule; no scipy here)."""
+    if not math.isfinite(t):
+        return 0.0 if t == t else float("nan")
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def density(x: float) -> float:
+        return math.exp(log_norm - (df + 1) / 2 * math.log1p(x * x / df))
+
+    h = abs(t) / intervals
+    inner = sum((4 if i % 2 else 2) * density(i * h) for i in range(1, intervals))
+    half = h / 3 * (density(0.0) + inner + density(abs(t)))  # integral over [0, |t|]
+    return max(0.0, 1.0 - 2.0 * half)
+
+
+def paired_difference(a: list[float], b: list[float]) -> str:
+    """``mean ± sd of a_i - b_i (p = two-sided paired t-test)`` over seeds i."""
+    diffs = [x - y for x, y in zip(a, b)]
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.3f}" if diffs else "–"
+    mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
+    t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    return f"{mean:+.3f} ± {sd:.3f} (p = {student_t_p_value(t, len(diffs) - 1):.2f})"
 
 
 DELTA_COLUMNS = [("d_eval_reward", "Δ training reward (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),

@@ -1,0 +1,35 @@
+"""The statistics of the benchmark scripts (scripts/runs.py): Student's t p-values against closed forms and tables."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from runs import paired_difference, student_t_p_value  # noqa: E402
+
+
+@pytest.mark.parametrize("t, df, p", [
+    (12.706, 1, 0.05), (4.303, 2, 0.05), (2.776, 4, 0.05), (9.925, 2, 0.01), (0.0, 3, 1.0)])
+def test_p_values_match_t_tables(t, df, p):
+    assert student_t_p_value(t, df) == pytest.approx(p, abs=2e-4)
+    assert student_t_p_value(-t, df) == student_t_p_value(t, df)
+
+
+@pytest.mark.parametrize("t", [0.3, 1.0, 2.5, 7.0])
+def test_p_values_match_the_closed_forms_for_one_and_two_degrees_of_freedom(t):
+    assert student_t_p_value(t, 1) == pytest.approx(1 - 2 * math.atan(t) / math.pi, abs=1e-9)
+    assert student_t_p_value(t, 2) == pytest.approx(1 - t / math.sqrt(t * t + 2), abs=1e-9)
+
+
+def test_paired_difference_by_hand():
+    # differences 0.5, 0.8, 0.1: mean 0.4667, sd 0.3512, t = 0.4667 / (0.3512 / sqrt 3) = 2.3014, df 2
+    mean = 1.4 / 3
+    t = mean / (math.sqrt(((0.5 - mean) ** 2 + (0.8 - mean) ** 2 + (0.1 - mean) ** 2) / 2) / math.sqrt(3))
+    p = 1 - t / math.sqrt(t * t + 2)
+    assert paired_difference([1.0, 2.0, 3.0], [0.5, 1.2, 2.9]) == f"+0.467 ± 0.351 (p = {p:.2f})"
+    assert paired_difference([1.0], [0.25]) == "+0.750"
+    assert paired_difference([1.0, 2.0], [1.0, 2.0]) == "+0.000 ± 0.000 (p = 1.00)"

@@ -147,6 +147,17 @@ def test_continuations_are_seeded_per_branch_point_not_per_batch():
     assert branch_seed(3, 7, 1, 0) != branch_seed(3, 7, 2, 0) != branch_seed(3, 6, 1, 0)
 
 
+def test_a_finetuning_epochs_seed_range_seeds_every_continuation():
+    # draw_epoch's sample seeds reach 2**31 - 1; the folded seed must still fit a torch generator (it overflowed)
+    seed = 2**31 - 1
+    assert 0 <= branch_seed(seed, 10**6, 10**4, 10**3) < 2**63
+    assert len({branch_seed(seed, r, j, c) for r in range(3) for j in range(3) for c in range(3)}) == 27
+    prover = Prover(_toy_pipe(), SamplerSettings(steps=STEPS, guidance=1.0, eta=1.0))
+    values = mc_values(prover, torch.tensor([0.1]).view(1, 1, 1, 1), torch.tensor([1]), ["p"],
+                       lambda im, p: im[:, 0, 0, 0], 2, seed=seed)
+    assert values.queries == 2 and torch.isfinite(values.mean).all()
+
+
 def test_deterministic_prover_gives_the_outcome():
     prover = Prover(_toy_pipe(), SamplerSettings(steps=STEPS, guidance=1.0, eta=0.0))
     values = mc_values(prover, torch.tensor([0.3, -0.3]).view(2, 1, 1, 1), torch.tensor([0, 2]), ["p"] * 2,

@@ -79,8 +79,13 @@ def run_all(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = N
     """Every arm x seed, ``workers`` at a time, seed by seed (a long study stopped early has every arm's first
     seeds); ``{arm name: [run folder per seed]}``."""
     jobs = [(arm, seed) for seed in seeds for arm in arms]
-    with ThreadPoolExecutor(workers) as pool:
-        folders = list(pool.map(lambda job: run_arm(*job, out, epochs, threads), jobs))
+    with ThreadPoolExecutor(workers) as pool:  # a failing run does not cancel the others; all failures are named
+        futures = [pool.submit(run_arm, arm, seed, out, epochs, threads) for arm, seed in jobs]
+    failed = [f"{arm.name}/seed{seed} (log: {out / arm.name / f'seed{seed}.log'})"
+              for (arm, seed), future in zip(jobs, futures) if future.exception()]
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(jobs)} runs failed: {', '.join(failed)}")
+    folders = [future.result() for future in futures]
     runs: dict[str, list[Path]] = {}
     for (arm, _), folder in zip(jobs, folders):
         runs.setdefault(arm.name, []).append(folder)

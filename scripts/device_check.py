@@ -420,9 +420,9 @@ def measure_sparse24(size: Size, device: str, model_path: str) -> dict:
             layer.weight.mul_(two_four_mask(layer.weight))
     zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
     total = sum(m.weight.numel() for m in layers.values())
-    linear_macs = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
+    linear_weights = sum(m.weight.numel() for m in unet.modules() if isinstance(m, torch.nn.Linear))
     record = {"layers": len(layers), "zero_fraction": round(zeros / max(total, 1), 4),
-              "sparse_weight_fraction_of_linear": round(total / max(linear_macs, 1), 4), "dtype": str(dtype)}
+              "sparse_weight_fraction_of_linear": round(total / max(linear_weights, 1), 4), "dtype": str(dtype)}
     if reason:
         return {**record, "status": "unsupported", "reason": reason}
     from torch.sparse import to_sparse_semi_structured
@@ -683,6 +683,13 @@ def main(argv: list[str] | None = None) -> int:
     def elapsed() -> float:
         return time.perf_counter() - began
 
+    def model_path(model: str) -> str:
+        """The saved pipeline of ``model``, built on first use."""
+        if model not in report["models"]:
+            log(f"building {model} ({size.name})")
+            report["models"][model] = build_model(model, work / model, size, device)
+        return report["models"][model]["path"]
+
     def save() -> None:
         report["elapsed_seconds"] = round(elapsed(), 2)
         write_report(path, report)
@@ -707,19 +714,14 @@ def main(argv: list[str] | None = None) -> int:
                         free_memory(device)
                         row.update(measure_reward(size, device, work), **peak_memory(device))
                     elif name == SPARSE_CASE:
-                        if "sd15" not in report["models"]:
-                            log(f"building sd15 ({size.name})")
-                            report["models"]["sd15"] = build_model("sd15", work / "sd15", size, device)
+                        pipe = model_path("sd15")
                         free_memory(device)
-                        row.update(measure_sparse24(size, device, report["models"]["sd15"]["path"]),
-                                   **peak_memory(device))
+                        row.update(measure_sparse24(size, device, pipe), **peak_memory(device))
                     else:
-                        if model not in report["models"]:
-                            log(f"building {model} ({size.name})")
-                            report["models"][model] = build_model(model, work / model, size, device)
+                        pipe = model_path(model)
                         free_memory(device)
-                        row.update(measure_case(case, size, device, report["models"][model]["path"], work,
-                                                args.driver, precision), **peak_memory(device))
+                        row.update(measure_case(case, size, device, pipe, work, args.driver, precision),
+                                   **peak_memory(device))
                 except Exception as exc:  # noqa: BLE001  (a failing case is a result; the others still run)
                     failed = True
                     row.update(status="error", error=error_text(exc), **peak_memory(device))

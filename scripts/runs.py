@@ -117,8 +117,10 @@ def mean_std(values: list[float], fmt: str = "+.3f") -> str:
 def student_t_p_value(t: float, df: int, intervals: int = 4000) -> float:
     """Two-sided p-value of Student's t statistic with ``df`` degrees of freedom: ``1 - integral_{-|t|}^{|t|}`` of
     the t density (Simpson's rule; no scipy here)."""
-    if not math.isfinite(t):
-        return 0.0 if t == t else float("nan")
+    if math.isnan(t):
+        return float("nan")
+    if math.isinf(t):
+        return 0.0
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
 
     def density(x: float) -> float:

@@ -189,3 +189,13 @@ def test_cem_update_by_hand_and_cem_on_a_quadratic():
                                   seed=0, iterations=15, samples=20)
     assert np.abs(result.means[-1] - target).max() < 0.05
     assert len(result.means) == len(result.best_returns) == 15
+
+
+@pytest.mark.parametrize("common", [False, True])
+def test_cem_episode_seeds_common_or_fresh_per_iteration(common):
+    seen = []
+    cross_entropy_method(lambda th, scene: seen.append(scene) or 0.0, np.zeros(1), np.ones(1), seed=3, iterations=3,
+                         samples=4, common_scenes=common)
+    per_iteration = [set(seen[i:i + 4]) for i in range(0, 12, 4)]
+    assert [len(s) for s in per_iteration] == ([1, 1, 1] if common else [4, 4, 4])
+    assert len(set.union(*per_iteration)) == (3 if common else 12)

@@ -4,7 +4,9 @@ on MountainCar (:func:`policy_search`).
 
 Generic CEM: each iteration samples ``K`` parameter vectors ``theta_k ~ N(mu, diag(sigma^2))``, scores each by
 ``objective(theta_k, episode_seed)`` and refits ``mu`` and ``sigma`` to the best ``ceil(elite * K)`` (at least 2;
-ties keep the earlier sample), ``sigma`` floored at ``min_std``.
+ties keep the earlier sample), ``sigma`` floored at ``min_std``. ``common_scenes=True`` gives the ``K`` episodes of
+an iteration one episode seed (common random numbers, as in PEGASUS, Ng & Jordan 2000): the elite is then chosen by
+the policies' effect, not by which scene each drew; a new seed every iteration.
 
 MountainCar:
 
@@ -105,14 +107,16 @@ def cem_update(thetas: np.ndarray, returns: np.ndarray, elite: float,
 
 def cross_entropy_method(objective: Callable[[np.ndarray, int], float], mean: np.ndarray, std: np.ndarray,
                          seed: int, iterations: int = 8, samples: int = 12, elite: float = 0.25,
-                         min_std: np.ndarray | float = 0.0) -> CemResult:
+                         min_std: np.ndarray | float = 0.0, common_scenes: bool = False) -> CemResult:
     """Maximise ``objective(theta, episode_seed)`` by CEM from ``N(mean, diag(std^2))`` (module docstring)."""
     rng = np.random.default_rng(seed)
     mu, sigma = np.asarray(mean, np.float64).copy(), np.asarray(std, np.float64).copy()
     result = CemResult()
     for _ in range(iterations):
         thetas = mu + sigma * rng.standard_normal((samples, len(mu)))
-        returns = np.array([objective(t, int(rng.integers(1 << 30))) for t in thetas])
+        draws = 1 if common_scenes else samples
+        scenes = [int(rng.integers(1 << 30)) for _ in range(draws)] * (samples // draws)
+        returns = np.array([objective(t, scene) for t, scene in zip(thetas, scenes)])
         mu, sigma = cem_update(thetas, returns, elite, min_std)
         result.means.append(mu.copy())
         result.best_returns.append(float(returns.max()))

@@ -216,6 +216,7 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
 
 TARGET_PRESETS = {  # row name -> preset whose `rewardtune prune` run (under --recovered) is measured
     "structured 0.5, sampler-timestep distillation": "shapes_structured_target",
+    "structured 0.5, all-timestep distillation": "shapes_structured",
     "structured 0.5, same architecture from scratch (equal compute)": "shapes_structured_scratch",
     "layer tickets at initialisation (2 of 6 units)": "shapes_layer_tickets",
 }

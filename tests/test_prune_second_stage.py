@@ -212,6 +212,8 @@ def test_new_methods_run_from_the_cli(tiny_pipeline_dir, tmp_path):
         assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / name}", *FAST, *extra]) == 0, name
         report = json.loads((tmp_path / name / "report.json").read_text())
         assert report["compute"]["steps"] == (2 * 1 + 2 if name == "granet" else 2), name
+        # layer tickets keep a random initialisation (options.weights defaults to init): trained from scratch
+        assert report["compute"]["recover_init"] == ("scratch" if name in ("layers", "scratch") else "pruned"), name
 
 
 def test_paired_change_by_hand():

@@ -2,7 +2,7 @@
 reward and with a perceptual reward learned from the demos. Writes the `perceptual-rl` section of BENCHMARKS.md.
 
     OMP_NUM_THREADS=1 python scripts/perceptual_rl.py [--no-write] [--seeds 10] [--features pixels]
-        [--scenes fresh common] [--n-features 32 128]        # ~30 min on one core
+        [--scenes fresh common] [--n-features 32 128]        # ~10 min on one core
 
 Policies (`rewardtune.perceptual.control`): door ``theta = (gx, gy, turn, pull)``, pour ``theta = (dx, dy,
 tilt)``. CEM (`policy_search.cross_entropy_method`) starts from an imperfect demonstration (door ``(-3, 3, 0.6,

@@ -96,10 +96,11 @@ def run(args, log) -> list[str]:
     """One row per (scene protocol, task, reward): the true rewards once per protocol, the learned reward for every
     ``--n-features``."""
     rows = []
+    start_success = {task: success_rate(task, START[task][0]) for task in TASKS}
 
     def add(scenes, task, source, kept, rates, ratio="-", check="-"):
         rows.append("| " + " | ".join([
-            scenes, task, source, kept, f"{100 * success_rate(task, START[task][0]):.0f} %",
+            scenes, task, source, kept, f"{100 * start_success[task]:.0f} %",
             f"**{100 * np.mean(rates):.0f} %**", " ".join(f"{100 * r:.0f}" for r in rates), ratio, check]) + " |")
 
     rewards = {(task, n): learn_reward(task, args, n) for task in TASKS for n in args.n_features}

@@ -114,8 +114,8 @@ def cross_entropy_method(objective: Callable[[np.ndarray, int], float], mean: np
     result = CemResult()
     for _ in range(iterations):
         thetas = mu + sigma * rng.standard_normal((samples, len(mu)))
-        draws = 1 if common_scenes else samples
-        scenes = [int(rng.integers(1 << 30)) for _ in range(draws)] * (samples // draws)
+        scenes = ([int(rng.integers(1 << 30))] * samples if common_scenes
+                  else [int(rng.integers(1 << 30)) for _ in range(samples)])
         returns = np.array([objective(t, scene) for t, scene in zip(thetas, scenes)])
         mu, sigma = cem_update(thetas, returns, elite, min_std)
         result.means.append(mu.copy())

@@ -50,6 +50,10 @@ def _no_train_steps(options: Any) -> int | None:
     return None
 
 
+def _keeps_weights(options: Any) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class PruneMethod:
     """A pruning method and what it needs from its caller."""
@@ -63,6 +67,8 @@ class PruneMethod:
     needs_training: bool = False  # calls context.train_fn(model, masks) between pruning steps
     train_steps: Callable[[Any], int | None] = _no_train_steps  # steps per train_fn call (None: the run's default)
     speeds_up_sampling: bool = False  # smaller dense tensors (masks keep every shape and gain nothing)
+    # returns a fresh random initialisation, not the model's weights (its recovery trains from scratch)
+    reinitialises: Callable[[Any], bool] = _keeps_weights
     check_plan: Callable[[nn.Module, float, Any], None] | None = None  # refuses an impossible plan early
 
 
@@ -109,7 +115,8 @@ METHODS.register("bip", PruneMethod(
     prune_bip, BiPOptions, "BiP: bi-level mask scores with the first-order implicit gradient", needs_calibration=True))
 METHODS.register("layers", PruneMethod(
     prune_layers, LayerTicketOptions, "layer tickets: remove whole attention/mid layers chosen by SNIP",
-    needs_calibration=lambda options: options.remove is None, speeds_up_sampling=True, check_plan=check_layers_plan))
+    needs_calibration=lambda options: options.remove is None, speeds_up_sampling=True, check_plan=check_layers_plan,
+    reinitialises=lambda options: options.weights == "init"))
 METHODS.register("semi_structured", PruneMethod(
     prune_semi_structured, SemiStructuredOptions, "2:4 semi-structured Linear sparsity (sparse kernels on sm80+)",
     check_plan=check_semi_structured_plan))
@@ -138,6 +145,11 @@ class PruneChoice:
         own = self.method.needs_calibration
         own = own(self.options) if callable(own) else own
         return own or (self.method.uses_importance and self.importance.needs_calibration)
+
+    @property
+    def recover_init(self) -> str | None:
+        """``"scratch"`` when the method hands back a random initialisation, else None (the config decides)."""
+        return "scratch" if self.method.reinitialises(self.options) else None
 
     def given(self, keys) -> dict[str, Any]:
         """The values of option names ``keys``, as plain YAML values (tuples become lists)."""

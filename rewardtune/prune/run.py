@@ -162,13 +162,11 @@ def _prune_and_recover(pipe, cfg: PruneConfig, prompts: list[str] | None, stage)
     spent = {"train_steps": 0}
     pruned = prune_pipeline_unet(pipe, cfg, data, spent)
     choice = cfg.choice()
-    # layer tickets at initialisation keep a fresh random initialisation: their recovery trains from scratch
-    at_init = getattr(choice.options, "weights", None) == "init"
     report: dict[str, Any] = {"method": cfg.method, "ratio": cfg.ratio, **summarize(pipe.unet, pruned),
                               "speeds_up_sampling": choice.method.speeds_up_sampling,
                               "compute": {"steps": spent["train_steps"] + cfg.recover.steps,
                                           "batch_size": cfg.recover.batch_size,
-                                          "recover_init": "scratch" if at_init else cfg.recover.init}}
+                                          "recover_init": choice.recover_init or cfg.recover.init}}
     report["pq_index"], report["sap_ratio"] = _sap(pipe.unet)
     scorer, reference = _reference(pipe, cfg)
     if reference is not None:

@@ -62,3 +62,34 @@ def test_prune_cli_refuses_a_bad_plan_before_writing(tiny_pipeline_dir, tmp_path
     assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, "method=blocks",
                  "options={layers_per_block: 0}"]) == 2
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_cli_prunes_the_lora_finetuned_model(tiny_pipeline_dir, tmp_path):
+    """``lora=FOLDER`` fuses a finetune run's LoRA weights before pruning: the kept weights are the finetuned ones."""
+    import torch
+    from peft import LoraConfig
+
+    from rewardtune.diffusion.loading import load_pipeline
+    from rewardtune.finetune.checkpoint import save_final_model
+
+    pipe = load_pipeline(str(tiny_pipeline_dir))
+    pipe.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_final_model(pipe, pipe.unet, tmp_path / "final", lora=True, base_model=str(tiny_pipeline_dir))
+    out = tmp_path / "pruned"
+    assert main(["prune", f"model={tiny_pipeline_dir}", f"lora={tmp_path / 'final'}", "method=magnitude", "ratio=0.3",
+                 f"out={out}", *FAST, "recover.steps=0"]) == 0
+    pruned = load_pipeline(str(out / "pipeline")).unet.state_dict()
+    finetuned = load_pipeline(str(tiny_pipeline_dir), lora=tmp_path / "final")
+    finetuned.fuse_lora()
+    finetuned.unload_lora_weights()
+    fused, base = finetuned.unet.state_dict(), load_pipeline(str(tiny_pipeline_dir)).unet.state_dict()
+    name = next(k for k in pruned if k.endswith("attn1.to_q.weight"))
+    kept = pruned[name] != 0
+    assert 0 < kept.sum() < kept.numel()  # masked (global magnitude: this layer loses part of its weights)
+    torch.testing.assert_close(pruned[name][kept], fused[name][kept])
+    assert not torch.allclose(fused[name], base[name])  # the adapter changed what was pruned
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora"] == str(tmp_path / "final")

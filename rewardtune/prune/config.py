@@ -66,6 +66,9 @@ class PruneConfig:
 
     model: str = field(default="shapes-tiny", metadata=PATH | _help(
         "registered name, pipeline folder or hub id"))
+    lora: str | None = field(default=None, metadata=PATH | _help(
+        "LoRA folder (e.g. a finetune run's final/) fused into model's UNet first: prunes the finetuned model, "
+        "which is then also the distillation teacher"))
     method: str = field(default="structured", metadata=_help(
         "structured, blocks, layers, magnitude, lottery, granet, bip or semi_structured"))
     ratio: float = field(default=0.5, metadata=_help("fraction to remove, in (0, 1): channels or weights"))

@@ -1,0 +1,142 @@
+"""Pruning meets reward finetuning on the shapes world (issue 15): (a) PRDP on a pruned and distilled UNet, (b)
+pruning a PRDP-finetuned UNet with distillation from the finetuned teacher; writes BENCHMARKS.md (prune-finetune).
+
+    python scripts/prune_finetune.py [--finetuned outputs/demo] [--structured build/prune/shapes_structured]
+                                     [--work build/prune_finetune] [--repeats 3] [--arms ...] [--no-write]
+
+Arms (folders under ``--work`` made by the CLI; a finished one is reused, so a rerun only evaluates):
+
+* ``base``: shapes-tiny.
+* ``finetuned``: ``rewardtune finetune configs/prdp/shapes_small.yaml`` (PRDP, LoRA, 20 epochs; ``--finetuned`` may
+  name a finished run of that preset, e.g. ``make demo``'s outputs/demo).
+* ``structured`` / ``blocks``: ``rewardtune prune configs/prune/shapes_{structured,blocks}.yaml`` (structured 0.5
+  with 5000 x 32 distillation, about 45 min; the mid block removed with 400 x 32), teacher the base UNet
+  (``--structured`` may name a finished run of its preset).
+* ``structured -> PRDP`` (a): the finetune preset with ``model=`` the structured pipeline.
+* ``finetuned -> structured`` / ``finetuned -> blocks`` (b): the same prune presets with ``lora=`` the finetuned run's
+  LoRA, so the finetuned UNet is pruned and is the distillation teacher.
+
+Every model is scored by the finetune trainer's own evaluation (:func:`rewardtune.finetune.report.evaluate`: the
+preset's 8 evaluation prompts x 4 seeds and its 16 held-out prompts, 10 DDIM steps, eta 1, guidance 5; proxy =
+shapes_preference, gold = shapes_gold), LoRA weights fused. Speed: 20-step sampling of 16 images, interleaved rounds.
+One seed (the presets' seed 0).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from bench_prune import interleaved_medians, sampler
+
+from rewardtune.diffusion import encode_prompts, load_pipeline
+from rewardtune.finetune.report import EvalSet, Scorers, evaluate
+from rewardtune.finetune.run import validate_run
+from rewardtune.presets import load_preset
+from rewardtune.rewards import load_reward
+from rewardtune.utils.benchmarks import command_line, header, update_section
+
+ROOT = Path(__file__).resolve().parents[1]
+FINETUNE = ROOT / "configs" / "prdp" / "shapes_small.yaml"
+PRUNE = {"structured": ROOT / "configs" / "prune" / "shapes_structured.yaml",
+         "blocks": ROOT / "configs" / "prune" / "shapes_blocks.yaml"}
+ARMS = ["base", "finetuned", "structured", "structured -> PRDP", "finetuned -> structured", "blocks",
+        "finetuned -> blocks"]
+
+
+def cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "rewardtune", *args], check=True)
+
+
+def folder(work: Path, arm: str) -> Path:
+    return work / arm.replace(" -> ", "_to_").replace(" ", "_")
+
+
+def build(arm: str, folders: dict[str, Path]) -> tuple[str, Path | None]:
+    """Make ``arm``'s model unless its folder (``folders[arm]``) is finished; returns ``(pipeline, LoRA folder or
+    None)``."""
+    out = folders[arm]
+    if arm == "base":
+        return "shapes-tiny", None
+    if arm == "finetuned":
+        if not (out / "final").is_dir():
+            cli("finetune", str(FINETUNE), f"output_dir={out}", "resume=auto")
+        return "shapes-tiny", out / "final"
+    if arm == "structured -> PRDP":
+        pruned, _ = build("structured", folders)
+        if not (out / "final").is_dir():
+            cli("finetune", str(FINETUNE), f"model={pruned}", f"output_dir={out}", "resume=auto")
+        return pruned, out / "final"
+    if not (out / "report.json").is_file():
+        lora = []
+        if arm.startswith("finetuned"):
+            lora = [f"lora={build('finetuned', folders)[1]}"]
+        cli("prune", str(PRUNE[arm.split(" -> ")[-1]]), *lora, f"out={out}", "evaluate.num_prompts=0")
+    return str(out / "pipeline"), None
+
+
+def load(model: str, lora: Path | None):
+    pipe = load_pipeline(model, lora=lora)
+    if lora is not None:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()
+    return pipe
+
+
+def score(pipe, arm: str, work: Path, cfg, heldout: list[str], scorers: Scorers) -> dict:
+    """The trainer's evaluation of ``pipe`` (cached in ``work/eval/<arm>/result.json``)."""
+    out = folder(work / "eval", arm)
+    cached = out / "result.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    shutil.rmtree(out, ignore_errors=True)
+    with torch.no_grad():
+        record = evaluate(pipe, scorers, EvalSet(cfg.eval_prompts, cfg.eval_seeds), heldout, cfg.train.sampling,
+                          out, epoch=0)
+    cached.write_text(json.dumps(record))
+    return record
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=ROOT / "build" / "prune_finetune")
+    parser.add_argument("--finetuned", type=Path, default=None, help="a finished run of the finetune preset")
+    parser.add_argument("--structured", type=Path, default=None, help="a finished run of shapes_structured.yaml")
+    parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    folders = {arm: folder(args.work, arm) for arm in ARMS}
+    folders.update({k: v for k, v in (("finetuned", args.finetuned), ("structured", args.structured)) if v})
+    models = {arm: build(arm, folders) for arm in args.arms}
+    cfg = load_preset(FINETUNE, ROOT / "configs")
+    heldout = validate_run(cfg).heldout
+    scorers = Scorers(load_reward(cfg.train.reward).eval(), load_reward(cfg.gold_reward).eval())
+    base = load_pipeline("shapes-tiny")
+    base.states, base.empty = encode_prompts(base, ["a red circle on a white background"]), encode_prompts(base, [""])
+    unets, results = {}, {}
+    for arm, (model, lora) in models.items():
+        pipe = load(model, lora)
+        results[arm] = score(pipe, arm, args.work, cfg, heldout, scorers)
+        unets[arm] = pipe.unet
+        print(arm, results[arm], flush=True)
+    speed = interleaved_medians({arm: sampler(base, unet, 16) for arm, unet in unets.items()}, args.repeats)
+    reference = speed.get("base", next(iter(speed.values())))
+    rows = [f"| {arm} | {reference / speed[arm]:.2f}x | {r['eval_reward']:.3f} | {r['eval_gold']:.4f} | "
+            f"{r['heldout_reward']:.3f} | {r['heldout_gold']:.4f} |" for arm, r in results.items()]
+    text = ("## Pruning meets reward finetuning\n\n" + header(command_line()) + __doc__.split("\n\n", 2)[2].strip()
+            + "\n\n| model | sampling speed-up | proxy (eval prompts) | gold (eval prompts) | proxy (held-out) | "
+            "gold (held-out) |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    print(text)
+    if not args.no_write:
+        update_section("prune-finetune", text)
+
+
+if __name__ == "__main__":
+    main()

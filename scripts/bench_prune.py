@@ -219,13 +219,12 @@ TARGET_PRESETS = {  # row name -> preset whose `rewardtune prune` run (under --r
     "structured 0.5, all-timestep distillation": "shapes_structured",
     "structured 0.5, same architecture from scratch (equal compute)": "shapes_structured_scratch",
     "layer tickets at initialisation (2 of 6 units)": "shapes_layer_tickets",
+    "structured 0.5, stage 1 at 0.25 (32/96), all-timestep distillation": "shapes_structured_mild",
 }
 
 
 MILDER_PLANS = {  # speed only: milder structured cuts than halving every width (widths stage 0 / stage 1)
     "structured 0.25 (64/128 -> 32/96)": lambda unet: dict(ratio=0.25),
-    "structured 0.5, stage 1 at 0.25 (32/96)": lambda unet: dict(
-        ratio=0.5, ratios={"down_blocks.1": 0.25, "up_blocks.0": 0.25, "mid_block": 0.25}),
     "structured 0.5, attention q/k/v kept (32/64)": lambda unet: dict(ratio=0.5, ignored=(
         "conv_out", *[n for n, _ in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v"))])),
 }

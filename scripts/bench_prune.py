@@ -220,6 +220,8 @@ TARGET_PRESETS = {  # row name -> preset whose `rewardtune prune` run (under --r
     "structured 0.5, same architecture from scratch (equal compute)": "shapes_structured_scratch",
     "layer tickets at initialisation (2 of 6 units)": "shapes_layer_tickets",
     "structured 0.5, stage 1 at 0.25 (32/96), all-timestep distillation": "shapes_structured_mild",
+    "blocks: no mid block (BK-SDM-Small)": "shapes_blocks",
+    "blocks: no mid block, same architecture from scratch (equal compute)": "shapes_blocks_scratch",
 }
 
 

@@ -45,6 +45,7 @@ def test_prune_cli_taylor_blocks_and_lottery(tiny_pipeline_dir, tmp_path):
     ("recover.ema=1", "config key 'recover.ema' must be in [0, 1)"),
     ("options.round_to=eight", "config key 'options.round_to' expects int or null, got 'eight'"),
     ("options.ignored=[conv_outt]", "layer 'conv_outt' (options.ignored or options.ratios) is not a module"),
+    ("lora=/nonexistent", "'/nonexistent' is not a LoRA folder"),
 ])
 def test_prune_cli_errors_are_one_line(tiny_pipeline_dir, tmp_path, capsys, override, message):
     assert main(["prune", f"model={tiny_pipeline_dir}", f"out={tmp_path / 'o'}", *FAST, override]) == 2

@@ -3,7 +3,8 @@ of the dense model (its training length) against a load-like one (the sparsity o
 writes BENCHMARKS.md (prune-regimes) and docs/figures/prune_regimes.png.
 
     python scripts/prune_regimes.py train [--train-steps 200 400 800 1600]
-    python scripts/prune_regimes.py sweep [--sparsities 0.5 0.7 0.8 0.9] [--recover-steps 300] [--no-write]
+    python scripts/prune_regimes.py sweep [--dense 400 800 3200] [--sparsities 0.5 0.7 0.8 0.9]
+                                          [--recover-steps 300] [--no-write]
 
 ``train``: shapes-tiny's UNet recipe (scripts/train_shapes_tiny.py: AdamW 5e-4 cosine, batch 64, EMA 0.999, the
 same 60,000 renders, shapes-tiny's VAE and text encoder) for each length, into ``--work/t<steps>/unet``. The shipped
@@ -18,7 +19,8 @@ run twice with different data orders (seeds 0, 1). Per cell:
   along the line between them, :mod:`rewardtune.prune.landscape`);
 * linear CKA between the seed-0 copy's and the dense model's mid-block features on that batch.
 
-Cells are kept in ``--work/cells/*.json``; a rerun skips finished cells. About 2 minutes a cell on one core.
+Cells are kept in ``--work/cells/*.json``; a rerun skips finished cells. About 5 minutes a cell at 300 recovery
+steps on a shared core.
 """
 
 from __future__ import annotations
@@ -70,10 +72,14 @@ def train(work: Path, lengths: list[int]) -> None:
         (run / "done").touch()
 
 
-def dense_models(work: Path) -> dict[int, Path | None]:
-    """Training steps -> UNet folder (None: the shipped shapes-tiny), shortest first."""
+def dense_models(work: Path, lengths: list[int] | None = None) -> dict[int, Path | None]:
+    """Training steps -> UNet folder (None: the shipped shapes-tiny), shortest first; only ``lengths`` if given."""
     found = {int(p.name[1:]): p / "unet" for p in work.glob("t*") if (p / "done").is_file()}
-    return dict(sorted({**found, SHIPPED_STEPS: None}.items()))
+    models = dict(sorted({**found, SHIPPED_STEPS: None}.items()))
+    missing = sorted(set(lengths or []) - set(models))
+    if missing:
+        raise SystemExit(f"no trained dense model of {missing} steps under {work}: run the train stage first")
+    return {k: v for k, v in models.items() if not lengths or k in lengths}
 
 
 class Probe:
@@ -138,7 +144,7 @@ def sweep(args) -> None:
     cells_dir = args.work / "cells"
     cells_dir.mkdir(parents=True, exist_ok=True)
     results: dict[int, dict] = {}
-    for steps, folder in dense_models(args.work).items():
+    for steps, folder in dense_models(args.work, args.dense).items():
         dense = shipped if folder is None else type(shipped).from_pretrained(folder).eval()
         base = fidelity(pipe, dense, items, seeds)
         results[steps] = {"dense": float(base.mean()), "dense_loss": probe.loss(dense), "cells": {}}
@@ -219,6 +225,8 @@ def main() -> None:
     parser.add_argument("stage", choices=["train", "sweep"])
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "regimes")
     parser.add_argument("--train-steps", type=int, nargs="+", default=[200, 400, 800, 1600])
+    parser.add_argument("--dense", type=int, nargs="+", default=None,
+                        help="sweep: training lengths of the dense models to use (default: all trained, and 3200)")
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.5, 0.7, 0.8, 0.9])
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)

@@ -100,7 +100,7 @@ def main() -> None:
         rows.append(f"| {name} | {q['sparsity']:.3f} | {q['mean']:.3f} ± {q['se']:.3f} | "
                     f"{100 * q['change']:+.1f} ± {100 * q['change_se']:.1f} % | {q['seconds']:.0f} s |")
         print(rows[-1], flush=True)
-    text = ("## Pruning: mask methods at equal compute\n\n" + header(command_line())
+    text = (f"## Pruning: mask methods at equal compute, sparsity {args.ratio}\n\n" + header(command_line())
             + f"Sparsity {args.ratio}, each arm {args.steps} student forward+backward passes of batch {args.batch} "
             "(see the script's docstring for the split), distilled from shapes-tiny on 1024 shapes renders. Gold "
             f"fidelity on {len(items)} held-out samples (mean ± standard error; original "

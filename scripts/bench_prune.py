@@ -138,12 +138,7 @@ def bench_sd15(repeats: int) -> str:
 
 
 def shapes_quality(pipe, unet, scorer, items, seeds, reference) -> dict[str, float]:
-    original = pipe.unet
-    pipe.unet = unet
-    try:
-        return scorer(sample_images(pipe, items, seeds), items, reference)
-    finally:
-        pipe.unet = original
+    return scorer(sample_images(pipe, items, seeds, unet=unet), items, reference)
 
 
 def quality_row(name: str, q: dict, base: dict) -> str:
@@ -235,15 +230,9 @@ MILDER_PLANS = {  # speed only: milder structured cuts than halving every width 
 def paired_fidelity(pipe, unet, items, seeds, base: torch.Tensor) -> dict[str, float]:
     """Gold fidelity of ``unet`` on ``items``/``seeds`` and its paired change against ``base [N]`` (the original's
     per-sample fidelity on the same prompts and seeds; :func:`rewardtune.prune.evaluate.paired_change`)."""
-    from rewardtune.prune.evaluate import paired_change
-    from rewardtune.shapes.oracle import gold_scores
+    from rewardtune.prune.evaluate import gold_fidelity, paired_change
 
-    original = pipe.unet
-    pipe.unet = unet
-    try:
-        return paired_change(gold_scores(sample_images(pipe, items, seeds), items)["fidelity"], base)
-    finally:
-        pipe.unet = original
+    return paired_change(gold_fidelity(pipe, items, seeds, unet=unet), base)
 
 
 def run_compute(run_dir: Path) -> str:
@@ -257,7 +246,7 @@ def run_compute(run_dir: Path) -> str:
 
 def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
     """Issue 15's target: >= 2x 20-step sampling at <= 5 % gold-fidelity loss on >= 256 held-out samples."""
-    from rewardtune.shapes.oracle import gold_scores
+    from rewardtune.prune.evaluate import gold_fidelity
 
     pipe = load_pipeline("shapes-tiny")
     pipe.states, pipe.empty = encode_prompts(pipe, ["a red circle on a white background"]), encode_prompts(pipe, [""])
@@ -269,7 +258,7 @@ def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
     speed = interleaved_medians({n: sampler(pipe, u, 16) for n, u in {**unets, **milder}.items()}, repeats)
     prompts = read_prompts(HELDOUT)[:num_prompts]
     items, seeds = [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
-    base = gold_scores(sample_images(pipe, items, seeds), items)["fidelity"]
+    base = gold_fidelity(pipe, items, seeds)
     se = float(base.std() / len(base) ** 0.5)
     rows = [f"| original | – | 1.00x | {float(base.mean()):.3f} ± {se:.3f} | – | – |"]
     for name, run_dir in found.items():

@@ -79,14 +79,6 @@ def build(arm: str, folders: dict[str, Path]) -> tuple[str, Path | None]:
     return str(out / "pipeline"), None
 
 
-def load(model: str, lora: Path | None):
-    pipe = load_pipeline(model, lora=lora)
-    if lora is not None:
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
-    return pipe
-
-
 def score(pipe, arm: str, work: Path, cfg, heldout: list[str], scorers: Scorers) -> dict:
     """The trainer's evaluation of ``pipe`` (cached in ``work/eval/<arm>/result.json``)."""
     out = folder(work / "eval", arm)
@@ -122,7 +114,7 @@ def main() -> None:
     base.states, base.empty = encode_prompts(base, ["a red circle on a white background"]), encode_prompts(base, [""])
     unets, results = {}, {}
     for arm, (model, lora) in models.items():
-        pipe = load(model, lora)
+        pipe = load_pipeline(model, lora=lora, fuse_lora=True)
         results[arm] = score(pipe, arm, args.work, cfg, heldout, scorers)
         unets[arm] = pipe.unet
         print(arm, results[arm], flush=True)

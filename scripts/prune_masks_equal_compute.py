@@ -23,10 +23,9 @@ import torch
 from rewardtune.diffusion import load_pipeline
 from rewardtune.prompts import read_prompts
 from rewardtune.prune import masks_of, prune_unet
-from rewardtune.prune.evaluate import paired_change, sample_images
+from rewardtune.prune.evaluate import gold_fidelity, paired_change
 from rewardtune.prune.masks import sparsity
 from rewardtune.prune.recover import DistillWeights, distill, shapes_data
-from rewardtune.shapes.oracle import gold_scores
 from rewardtune.utils.benchmarks import command_line, header, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,15 +59,6 @@ def run_arm(pipe, data, kwargs: dict, finetune: int, ratio: float, args) -> torc
     return pruned
 
 
-def fidelity(pipe, unet, items, seeds) -> torch.Tensor:
-    original = pipe.unet
-    pipe.unet = unet
-    try:
-        return gold_scores(sample_images(pipe, items, seeds), items)["fidelity"]
-    finally:
-        pipe.unet = original
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ratio", type=float, default=0.9)
@@ -84,7 +74,7 @@ def main() -> None:
     prompts = read_prompts(HELDOUT)[:args.num_prompts]
     items, seeds = [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
     with torch.no_grad():
-        base = fidelity(pipe, pipe.unet, items, seeds)
+        base = gold_fidelity(pipe, items, seeds)
     data = shapes_data(pipe, 1024, seed=0)
     rows = []
     for name, (kwargs, finetune) in arms(args.steps).items():
@@ -93,7 +83,7 @@ def main() -> None:
             start = time.time()
             pruned = run_arm(pipe, data, kwargs, finetune, args.ratio, args)
             with torch.no_grad():
-                q = paired_change(fidelity(pipe, pruned, items, seeds), base)
+                q = paired_change(gold_fidelity(pipe, items, seeds, unet=pruned), base)
             q.update(sparsity=sparsity(masks_of(pruned)), seconds=time.time() - start)
             path.write_text(json.dumps(q))
         q = json.loads(path.read_text())

@@ -39,11 +39,10 @@ from rewardtune.diffusion import load_pipeline
 from rewardtune.diffusion.sampling import forward_noise
 from rewardtune.prompts import read_prompts
 from rewardtune.prune import masks_of, prune_unet
-from rewardtune.prune.evaluate import paired_change, sample_images
+from rewardtune.prune.evaluate import gold_fidelity, paired_change
 from rewardtune.prune.importance import default_alphas_cumprod
 from rewardtune.prune.landscape import linear_cka, loss_barrier
 from rewardtune.prune.recover import DistillWeights, distill, shapes_data, tap_features
-from rewardtune.shapes.oracle import gold_scores
 from rewardtune.utils.benchmarks import command_line, header, update_section
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,16 +107,6 @@ class Probe:
         return store["mid_block"].flatten(1)
 
 
-def fidelity(pipe, unet, items, seeds) -> torch.Tensor:
-    original = pipe.unet
-    pipe.unet = unet
-    try:
-        with torch.no_grad():
-            return gold_scores(sample_images(pipe, items, seeds), items)["fidelity"]
-    finally:
-        pipe.unet = original
-
-
 def run_cell(pipe, dense, sparsity: float, data, probe: Probe, items, seeds, base, steps: int, batch: int) -> dict:
     """One (dense model, sparsity) cell of the module docstring."""
     copies = []
@@ -127,10 +116,10 @@ def run_cell(pipe, dense, sparsity: float, data, probe: Probe, items, seeds, bas
             distill(student, dense, data, steps=steps, batch_size=batch, lr=5e-4,
                     weights=DistillWeights(1.0, 1.0, 0.1), masks=masks_of(student), seed=seed)
         copies.append(student.eval())
-    first = {k: v.clone() for k, v in copies[0].state_dict().items()}
-    cell = {"sparsity": sparsity, **paired_change(fidelity(pipe, copies[0], items, seeds), base),
-            "cka": linear_cka(probe.features(copies[0]), probe.features(dense)), "loss": probe.loss(copies[0])}
-    lmc = loss_barrier(copies[1], first, copies[1].state_dict(), probe.loss)
+    with torch.no_grad():
+        cell = {"sparsity": sparsity, **paired_change(gold_fidelity(pipe, items, seeds, unet=copies[0]), base),
+                "cka": linear_cka(probe.features(copies[0]), probe.features(dense)), "loss": probe.loss(copies[0])}
+    lmc = loss_barrier(copies[1], copies[0].state_dict(), copies[1].state_dict(), probe.loss)
     return {**cell, "barrier": lmc["barrier"], "path": lmc["losses"]}
 
 
@@ -138,7 +127,8 @@ def sweep(args) -> None:
     t0 = time.time()
     pipe = load_pipeline("shapes-tiny")
     shipped = pipe.unet
-    prompts = read_prompts(HELDOUT)[::max(1, len(read_prompts(HELDOUT)) // args.num_prompts)][:args.num_prompts]
+    heldout = read_prompts(HELDOUT)
+    prompts = heldout[::max(1, len(heldout) // args.num_prompts)][:args.num_prompts]
     items, seeds = [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
     data, probe = shapes_data(pipe, 1024, seed=0), Probe(pipe)
     cells_dir = args.work / "cells"
@@ -146,7 +136,8 @@ def sweep(args) -> None:
     results: dict[int, dict] = {}
     for steps, folder in dense_models(args.work, args.dense).items():
         dense = shipped if folder is None else type(shipped).from_pretrained(folder).eval()
-        base = fidelity(pipe, dense, items, seeds)
+        with torch.no_grad():
+            base = gold_fidelity(pipe, items, seeds, unet=dense)
         results[steps] = {"dense": float(base.mean()), "dense_loss": probe.loss(dense), "cells": {}}
         for sparsity in args.sparsities:
             path = cells_dir / f"t{steps}_s{sparsity}_r{args.recover_steps}x{args.batch}.json"

@@ -193,11 +193,12 @@ def _absent_components(cls: type, source: str, local: bool) -> dict:
 
 
 def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float32", device: str = "cpu",
-                  lora: str | Path | None = None):
+                  lora: str | Path | None = None, fuse_lora: bool = False):
     """The pipeline ``model_index.json`` names (SD and SDXL with a ``DDIMScheduler``; SD3 with its flow-matching
     scheduler and exact T5-less attention, :mod:`rewardtune.diffusion.sd3`), on ``device`` in ``dtype``, progress
     bars off;
-    with ``lora``, the LoRA weights of that folder loaded on top.
+    with ``lora``, the LoRA weights of that folder loaded on top, and with ``fuse_lora`` also merged into the weights
+    (the adapter layers removed: a plain finetuned model, e.g. to prune or time it).
 
     Raises:
         ModelNotFoundError: the weights are not on disk and cannot be downloaded (one line naming the model and
@@ -231,5 +232,8 @@ def load_pipeline(model: str = "shapes-tiny", dtype: str | torch.dtype = "float3
     pipe.set_progress_bar_config(disable=True)
     if lora is not None:
         load_lora(pipe, lora)
+        if fuse_lora:
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()
     logger.info("loaded %s from %s (%s, %s)%s", model, source, dtype, device, f" + LoRA {lora}" if lora else "")
     return pipe.to(device)

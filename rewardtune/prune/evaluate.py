@@ -34,14 +34,27 @@ def paired_change(values: torch.Tensor, base: torch.Tensor) -> dict[str, float]:
 
 
 def sample_images(pipe, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 5.0,
-                  batch_size: int = 64) -> torch.Tensor:
+                  batch_size: int = 64, unet: torch.nn.Module | None = None) -> torch.Tensor:
     """Images ``[N,3,H,W]`` in [0,1] of ``prompts[i]`` from ``seeds[i]`` through the sampling service (DDIM,
-    eta 0)."""
+    eta 0); with ``unet``, that UNet stands in for ``pipe.unet`` during the call (e.g. a pruned one)."""
     from rewardtune.diffusion.service import generate
     from rewardtune.diffusion.settings import SamplerSettings
 
     settings = SamplerSettings(steps=steps, guidance=guidance, eta=0.0, batch_size=batch_size)
-    return generate(pipe, prompts, seeds, settings).images
+    original = pipe.unet
+    pipe.unet = original if unet is None else unet
+    try:
+        return generate(pipe, prompts, seeds, settings).images
+    finally:
+        pipe.unet = original
+
+
+def gold_fidelity(pipe, prompts: list[str], seeds: list[int], unet: torch.nn.Module | None = None) -> torch.Tensor:
+    """Per-sample gold fidelity ``[N]`` of :func:`sample_images` (20 DDIM steps, guidance 5) of ``prompts[i]``
+    from ``seeds[i]``, with ``unet`` standing in for ``pipe.unet`` if given."""
+    from rewardtune.shapes.oracle import gold_scores
+
+    return gold_scores(sample_images(pipe, prompts, seeds, unet=unet), prompts)["fidelity"]
 
 
 class ShapesQuality:
@@ -74,4 +87,4 @@ class ShapesQuality:
         return out
 
 
-__all__ = ["frechet_distance", "sample_images", "ShapesQuality", "paired_change"]
+__all__ = ["frechet_distance", "sample_images", "gold_fidelity", "ShapesQuality", "paired_change"]

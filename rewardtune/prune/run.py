@@ -204,10 +204,8 @@ def run_prune(cfg: PruneConfig) -> dict[str, Any]:
     staged = StagedFolder(cfg.out, cfg.overwrite, OUTPUT_NAMES, done="report.json", command="prune")
     staged.check()
     prompts = _read_prompts(cfg)
-    pipe = load_pipeline(cfg.model, device=cfg.device, lora=cfg.lora)
-    if cfg.lora is not None:  # one finetuned UNet: student source and teacher alike
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()
+    # with cfg.lora, one finetuned UNet: student source and teacher alike
+    pipe = load_pipeline(cfg.model, device=cfg.device, lora=cfg.lora, fuse_lora=True)
     check_plan_early(pipe.unet, cfg)
     with staged as stage:
         pruned, report = _prune_and_recover(pipe, cfg, prompts, stage)

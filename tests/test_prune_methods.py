@@ -215,3 +215,16 @@ def test_unsupported_modules_and_names(unet):
         prune_unet(unet, importance="random")
     with pytest.raises(UserError, match=r"layer 'conv_outt' \(options.ignored or options.ratios\) is not a module"):
         prune_unet(unet, ignored=("conv_outt",))
+
+
+def test_ignored_patterns_keep_every_matching_layer(unet):
+    pruned = prune_unet(unet, ratio=0.5, ignored=("conv_out", "*.to_q", "*.to_k", "*.to_v"))
+    for name, module in unet.named_modules():
+        if name.endswith(("to_q", "to_k", "to_v")):
+            kept = pruned.get_submodule(name)
+            assert kept.out_features == module.out_features, name  # outputs kept; inputs follow the layer before
+    assert pruned.get_submodule("conv_in").out_channels == unet.conv_in.out_channels // 2
+    out = pruned(torch.randn(2, 4, 8, 8), torch.tensor([1, 500]), encoder_hidden_states=torch.randn(2, 5, 32))
+    assert out.sample.shape == (2, 4, 8, 8)
+    with pytest.raises(UserError, match=r"layer '\*\.to_qq' \(options.ignored or options.ratios\) is not a module"):
+        prune_unet(unet, ignored=("*.to_qq",))

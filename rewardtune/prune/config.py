@@ -28,6 +28,9 @@ class RecoverConfig:
     task_weight: float = field(default=1.0, metadata=_help("weight of the noise-prediction loss"))
     output_weight: float = field(default=1.0, metadata=_help("weight of matching the teacher's output"))
     feature_weight: float = field(default=1.0, metadata=_help("weight of matching the teacher's block features"))
+    guided_weight: float = field(default=0.0, metadata=_help(
+        "weight of matching the teacher's classifier-free-guided prediction at the run's guidance; > 0 trains on "
+        "conditional/unconditional pairs of the same noisy latents"))
     ema: float = field(default=0.0, metadata=_help("decay of a moving average of the weights; 0: last step's"))
     init: Literal["pruned", "scratch"] = field(default="pruned", metadata=_help(
         "pruned: recover from the pruned weights; scratch: re-initialise them first (the same architecture and "
@@ -42,6 +45,9 @@ class RecoverConfig:
         require(0 <= self.ema < 1, "ema", "in [0, 1)", self.ema)
         require(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
         require(self.lr > 0, "lr", "> 0", self.lr)
+        require(self.guided_weight >= 0, "guided_weight", ">= 0", self.guided_weight)
+        require(self.guided_weight == 0 or self.batch_size >= 2, "batch_size", "at least 2 with guided_weight > 0",
+                self.batch_size)
         require(self.num_samples >= 1, "num_samples", "at least 1", self.num_samples)
 
 

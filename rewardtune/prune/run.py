@@ -64,13 +64,14 @@ def _recover(student, teacher, data, cfg: PruneConfig, steps: int, masks=None, d
 
     r = cfg.recover
     timesteps = sampler_timesteps(scheduler, r.timesteps) if scheduler is not None else None
-    weights = DistillWeights(r.task_weight, r.output_weight, r.feature_weight)
+    weights = DistillWeights(r.task_weight, r.output_weight, r.feature_weight, r.guided_weight)
     with tqdm(total=steps, desc=desc, unit="step") as bar:
         def progress(row):
             bar.update()
             bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
         return distill(student, teacher, data, steps=steps, batch_size=r.batch_size, lr=r.lr, weights=weights,
-                       masks=masks, seed=cfg.seed, progress=progress, ema=r.ema, timesteps=timesteps)
+                       masks=masks, seed=cfg.seed, progress=progress, ema=r.ema, timesteps=timesteps,
+                       guidance=cfg.guidance)
 
 
 def prune_pipeline_unet(pipe, cfg: PruneConfig, data, spent: dict | None = None) -> torch.nn.Module:

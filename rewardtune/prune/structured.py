@@ -15,6 +15,7 @@ that diffusers UNets need (research/pruning.md, section 1.4), plus one for atten
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 from dataclasses import dataclass, field
@@ -100,7 +101,8 @@ class StructuredOptions:
     """Options of ``structured`` (the importance's options join these)."""
 
     ignored: tuple[str, ...] = field(default=("conv_out",), metadata={
-        "help": "module names never pruned (conv_out keeps the output channels)"})
+        "help": "modules whose output channels are never pruned (their inputs follow the layers before), by name "
+                "or shell-style pattern (e.g. '*.to_q'); conv_out keeps the output channels"})
     round_to: int | None = field(default=None, metadata={"help": "kept channel counts round to a multiple of this"})
     global_pruning: bool = field(default=False, metadata={"help": "rank channels across layers, not per layer"})
     ratios: dict[str, float] = field(default_factory=dict, metadata={
@@ -113,14 +115,21 @@ class StructuredOptions:
             require(isinstance(value, (int, float)) and 0 <= value < 1, f"ratios.{name}", "in [0, 1)", value)
 
 
+def ignored_modules(unet: nn.Module, ignored: tuple[str, ...]) -> list[str]:
+    """Module names matching ``ignored`` (names or shell-style patterns such as ``*.to_q``), in module order."""
+    names = [n for n, _ in unet.named_modules() if n]
+    return [n for n in names if any(fnmatch.fnmatchcase(n, pattern) for pattern in ignored)]
+
+
 def check_structured_plan(unet: nn.Module, ratio: float, options: StructuredOptions) -> None:
-    """Refuse an ``ignored`` name that is no module and a ratio that empties a group, head or layer."""
+    """Refuse an ``ignored`` name or pattern that matches no module and a ratio that empties a group, head or layer."""
     names = dict(unet.named_modules())
-    unknown = [n for n in [*options.ignored, *options.ratios] if n not in names]
+    unknown = [n for n in options.ratios if n not in names]
+    unknown += [p for p in options.ignored if not ignored_modules(unet, (p,))]
     if unknown:
         raise UserError(f"layer {unknown[0]!r} (options.ignored or options.ratios) is not a module of this UNet "
-                        "(e.g. conv_out, conv_in, down_blocks.1)")
-    check_plan(unet, max([ratio, *options.ratios.values()]), set(options.ignored))
+                        "(e.g. conv_out, conv_in, down_blocks.1, '*.to_q')")
+    check_plan(unet, max([ratio, *options.ratios.values()]), set(ignored_modules(unet, options.ignored)))
 
 
 def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, context: PruneContext) -> nn.Module:
@@ -137,7 +146,7 @@ def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, 
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(
             model, inputs, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio,
-            ignored_layers=[model.get_submodule(n) for n in options.ignored], num_heads=head_counts(model),
+            ignored_layers=[model.get_submodule(n) for n in ignored_modules(model, options.ignored)], num_heads=head_counts(model),
             round_to=options.round_to, global_pruning=options.global_pruning, forward_fn=unet_forward,
             pruning_ratio_dict={model.get_submodule(n): r for n, r in options.ratios.items()} or None)
         pruner.importance = context.scorer(model)

@@ -146,7 +146,8 @@ def prune_structured(unet: nn.Module, ratio: float, options: StructuredOptions, 
     with torch.enable_grad():
         pruner = tp.pruner.BasePruner(
             model, inputs, importance=tp.importance.GroupMagnitudeImportance(), pruning_ratio=ratio,
-            ignored_layers=[model.get_submodule(n) for n in ignored_modules(model, options.ignored)], num_heads=head_counts(model),
+            ignored_layers=[model.get_submodule(n) for n in ignored_modules(model, options.ignored)],
+            num_heads=head_counts(model),
             round_to=options.round_to, global_pruning=options.global_pruning, forward_fn=unet_forward,
             pruning_ratio_dict={model.get_submodule(n): r for n, r in options.ratios.items()} or None)
         pruner.importance = context.scorer(model)

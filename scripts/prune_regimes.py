@@ -4,7 +4,7 @@ writes BENCHMARKS.md (prune-regimes) and docs/figures/prune_regimes.png.
 
     python scripts/prune_regimes.py train [--train-steps 200 400 800 1600]
     python scripts/prune_regimes.py sweep [--dense 400 800 3200] [--sparsities 0.5 0.7 0.8 0.9]
-                                          [--recover-steps 300] [--no-write]
+                                          [--recover-steps 300] [--seeds 0 1 2] [--no-write]
 
 ``train``: shapes-tiny's UNet recipe (scripts/train_shapes_tiny.py: AdamW 5e-4 cosine, batch 64, EMA 0.999, the
 same 60,000 renders, shapes-tiny's VAE and text encoder) for each length, into ``--work/t<steps>/unet``. The shipped
@@ -12,14 +12,15 @@ shapes-tiny UNet is the same recipe at 3200 steps: the longest-trained model of 
 
 ``sweep``: for each dense model and sparsity, global magnitude masks, then a short fixed recovery (masked
 distillation from that dense model: ``--recover-steps`` x ``--batch``, lr 5e-4, task + output + 0.1 feature loss)
-run twice with different data orders (seeds 0, 1). Per cell:
+run twice with different data orders (seed s: orders 2s and 2s+1). Per cell and seed:
 
-* gold fidelity of the seed-0 copy on held-out samples (paired against its dense model on the same prompts/seeds);
+* gold fidelity of the first copy on held-out samples (paired against its dense model on the same prompts/seeds);
 * the loss barrier between the two copies (linear mode connectivity; denoising loss on a fixed validation batch
   along the line between them, :mod:`rewardtune.prune.landscape`);
-* linear CKA between the seed-0 copy's and the dense model's mid-block features on that batch.
+* linear CKA between the first copy's and the dense model's mid-block features on that batch.
 
-Cells are kept in ``--work/cells/*.json``; a rerun skips finished cells. About 5 minutes a cell at 300 recovery
+With several ``--seeds`` the tables give mean ± std over seeds. Cells are kept in ``--work/cells/*.json``; a
+rerun skips finished cells. About 5 minutes a cell at 300 recovery
 steps on a shared core.
 """
 
@@ -107,14 +108,15 @@ class Probe:
         return store["mid_block"].flatten(1)
 
 
-def run_cell(pipe, dense, sparsity: float, data, probe: Probe, items, seeds, base, steps: int, batch: int) -> dict:
-    """One (dense model, sparsity) cell of the module docstring."""
+def run_cell(pipe, dense, sparsity: float, data, probe: Probe, items, seeds, base, steps: int, batch: int,
+             seed: int = 0) -> dict:
+    """One (dense model, sparsity) cell of the module docstring; ``seed`` s trains copies with orders 2s, 2s+1."""
     copies = []
-    for seed in (0, 1):
+    for order in (2 * seed, 2 * seed + 1):
         student = prune_unet(dense, method="magnitude", ratio=sparsity)
         if steps:
             distill(student, dense, data, steps=steps, batch_size=batch, lr=5e-4,
-                    weights=DistillWeights(1.0, 1.0, 0.1), masks=masks_of(student), seed=seed)
+                    weights=DistillWeights(1.0, 1.0, 0.1), masks=masks_of(student), seed=order)
         copies.append(student.eval())
     with torch.no_grad():
         cell = {"sparsity": sparsity, **paired_change(gold_fidelity(pipe, items, seeds, unet=copies[0]), base),
@@ -140,19 +142,39 @@ def sweep(args) -> None:
             base = gold_fidelity(pipe, items, seeds, unet=dense)
         results[steps] = {"dense": float(base.mean()), "dense_loss": probe.loss(dense), "cells": {}}
         for sparsity in args.sparsities:
-            path = cells_dir / f"t{steps}_s{sparsity}_r{args.recover_steps}x{args.batch}.json"
-            if not path.is_file():
-                start = time.time()
-                cell = run_cell(pipe, dense, sparsity, data, probe, items, seeds, base, args.recover_steps, args.batch)
-                path.write_text(json.dumps({**cell, "seconds": time.time() - start}))
-            results[steps]["cells"][sparsity] = cell = json.loads(path.read_text())
-            print(f"t{steps} s{sparsity}: fidelity {cell['mean']:.3f} ({100 * cell['change']:+.1f} %), barrier "
-                  f"{cell['barrier']:.4f}, CKA {cell['cka']:.3f}", flush=True)
+            per_seed = []
+            for seed in args.seeds:
+                suffix = f"_seed{seed}" if seed else ""  # seed 0 keeps the name of the first (one-seed) sweep
+                path = cells_dir / f"t{steps}_s{sparsity}_r{args.recover_steps}x{args.batch}{suffix}.json"
+                if not path.is_file():
+                    start = time.time()
+                    cell = run_cell(pipe, dense, sparsity, data, probe, items, seeds, base, args.recover_steps,
+                                    args.batch, seed)
+                    path.write_text(json.dumps({**cell, "seconds": time.time() - start}))
+                per_seed.append(cell := json.loads(path.read_text()))
+                print(f"t{steps} s{sparsity} seed {seed}: fidelity {cell['mean']:.3f} ({100 * cell['change']:+.1f} "
+                      f"%), barrier {cell['barrier']:.4f}, CKA {cell['cka']:.3f}", flush=True)
+            results[steps]["cells"][sparsity] = over_seeds(per_seed)
     text = report(results, args, len(items), time.time() - t0)
     print(text)
     if not args.no_write:
         figure(results, args.sparsities, ROOT / "docs" / "figures" / "prune_regimes.png")
         update_section("prune-regimes", text)
+
+
+def over_seeds(cells: list[dict]) -> dict:
+    """Mean and (``<key>_sd``) sample std over seeds of a cell's numbers; ``n`` the number of seeds."""
+    out: dict = {"n": len(cells)}
+    for key in ("mean", "change", "cka", "loss", "barrier"):
+        values = torch.tensor([c[key] for c in cells], dtype=torch.float64)
+        out[key], out[key + "_sd"] = float(values.mean()), float(values.std()) if len(cells) > 1 else 0.0
+    return out
+
+
+def pm(cell: dict, key: str, fmt: str, scale: float = 1.0) -> str:
+    """``value`` or ``value ± sd`` (several seeds) of ``cell[key]`` in format ``fmt``."""
+    text = format(scale * cell[key], fmt)
+    return text + (f" ± {format(scale * cell[key + '_sd'], fmt.lstrip('+'))}" if cell["n"] > 1 else "")
 
 
 def grid(results: dict, sparsities: list[float], cell_text, dense_text) -> str:
@@ -168,18 +190,20 @@ def report(results: dict, args, n_samples: int, seconds: float) -> str:
             + f"Temperature-like knob: training steps of the dense UNet (shapes-tiny's recipe, batch 64; "
             f"{SHIPPED_STEPS} is the shipped model). Load-like knob: sparsity of global magnitude masks. Each cell: "
             f"prune, then {args.recover_steps} x {args.batch} masked distillation from its own dense model, twice "
-            f"(data orders 0 and 1). Gold fidelity of copy 0 on {n_samples} held-out samples ({args.num_prompts} "
+            f"(data orders 2s and 2s+1 for seed s; seeds {args.seeds}, mean ± std over seeds where more than one). "
+            f"Gold fidelity of the first copy on {n_samples} held-out samples ({args.num_prompts} "
             "prompts spread over shapes_heldout x 2 seeds, 20 DDIM steps, guidance 5; the change is paired against "
             "the dense model). Barrier: the largest rise of the denoising loss (256 fixed noised renders) above the "
             "chord on the straight line between the two copies (5 points). CKA: linear CKA of copy 0's mid-block "
             "features against the dense model's on the same batch.\n\n"
             "Gold fidelity after pruning and recovery (change against the dense model):\n\n"
-            + grid(results, s, lambda c: f"{c['mean']:.3f} ({100 * c['change']:+.1f} %)",
+            + grid(results, s, lambda c: f"{pm(c, 'mean', '.3f')} ({pm(c, 'change', '+.1f', 100)} %)",
                    lambda r: f"{r['dense']:.3f}")
             + "\nLoss barrier between the two recovered copies (denoising MSE; endpoint loss in brackets):\n\n"
-            + grid(results, s, lambda c: f"{c['barrier']:.4f} ({c['loss']:.3f})", lambda r: f"({r['dense_loss']:.3f})")
+            + grid(results, s, lambda c: f"{pm(c, 'barrier', '.4f')} ({c['loss']:.3f})",
+                   lambda r: f"({r['dense_loss']:.3f})")
             + "\nLinear CKA to the dense model (mid block):\n\n"
-            + grid(results, s, lambda c: f"{c['cka']:.3f}", lambda r: "1")
+            + grid(results, s, lambda c: pm(c, "cka", ".3f"), lambda r: "1")
             + f"\n![regimes](docs/figures/prune_regimes.png)\n\nWall time: {seconds / 60:.0f} min.\n")
 
 
@@ -222,6 +246,7 @@ def main() -> None:
     parser.add_argument("--recover-steps", type=int, default=300)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--num-prompts", type=int, default=32)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="sweep: recovery seeds of every cell")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     if args.stage == "train":

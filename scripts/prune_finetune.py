@@ -2,7 +2,8 @@
 pruning a PRDP-finetuned UNet with distillation from the finetuned teacher; writes BENCHMARKS.md (prune-finetune).
 
     python scripts/prune_finetune.py [--finetuned outputs/demo] [--structured build/prune/shapes_structured]
-                                     [--work build/prune_finetune] [--repeats 3] [--arms ...] [--no-write]
+                                     [--work build/prune_finetune] [--repeats 3] [--arms ...] [--seeds 0 1 2]
+                                     [--no-write]
 
 Arms (folders under ``--work`` made by the CLI; a finished one is reused, so a rerun only evaluates):
 
@@ -18,8 +19,10 @@ Arms (folders under ``--work`` made by the CLI; a finished one is reused, so a r
 
 Every model is scored by the finetune trainer's own evaluation (:func:`rewardtune.finetune.report.evaluate`: the
 preset's 8 evaluation prompts x 4 seeds and its 16 held-out prompts, 10 DDIM steps, eta 1, guidance 5; proxy =
-shapes_preference, gold = shapes_gold), LoRA weights fused. Speed: 20-step sampling of 16 images, interleaved rounds.
-One seed (the presets' seed 0).
+shapes_preference, gold = shapes_gold), LoRA weights fused. Speed: 20-step sampling of 16 images, interleaved rounds
+(seed 0's models). Seed s runs every CLI step with ``seed=s`` (the finetune's sampling and the distillation's data
+order) in ``--work/seed<s>`` (seed 0 in ``--work`` itself; ``--finetuned``/``--structured`` stand in for seed 0);
+numbers are mean ± std over the seeds an arm has.
 """
 
 from __future__ import annotations
@@ -56,26 +59,26 @@ def folder(work: Path, arm: str) -> Path:
     return work / arm.replace(" -> ", "_to_").replace(" ", "_")
 
 
-def build(arm: str, folders: dict[str, Path]) -> tuple[str, Path | None]:
-    """Make ``arm``'s model unless its folder (``folders[arm]``) is finished; returns ``(pipeline, LoRA folder or
-    None)``."""
+def build(arm: str, folders: dict[str, Path], seed: int = 0) -> tuple[str, Path | None]:
+    """Make ``arm``'s model for ``seed`` unless its folder (``folders[arm]``) is finished; returns ``(pipeline, LoRA
+    folder or None)``."""
     out = folders[arm]
     if arm == "base":
         return "shapes-tiny", None
     if arm == "finetuned":
         if not (out / "final").is_dir():
-            cli("finetune", str(FINETUNE), f"output_dir={out}", "resume=auto")
+            cli("finetune", str(FINETUNE), f"output_dir={out}", "resume=auto", f"seed={seed}")
         return "shapes-tiny", out / "final"
     if arm == "structured -> PRDP":
-        pruned, _ = build("structured", folders)
+        pruned, _ = build("structured", folders, seed)
         if not (out / "final").is_dir():
-            cli("finetune", str(FINETUNE), f"model={pruned}", f"output_dir={out}", "resume=auto")
+            cli("finetune", str(FINETUNE), f"model={pruned}", f"output_dir={out}", "resume=auto", f"seed={seed}")
         return pruned, out / "final"
     if not (out / "report.json").is_file():
         lora = []
         if arm.startswith("finetuned"):
-            lora = [f"lora={build('finetuned', folders)[1]}"]
-        cli("prune", str(PRUNE[arm.split(" -> ")[-1]]), *lora, f"out={out}", "evaluate.num_prompts=0")
+            lora = [f"lora={build('finetuned', folders, seed)[1]}"]
+        cli("prune", str(PRUNE[arm.split(" -> ")[-1]]), *lora, f"out={out}", "evaluate.num_prompts=0", f"seed={seed}")
     return str(out / "pipeline"), None
 
 
@@ -93,6 +96,18 @@ def score(pipe, arm: str, work: Path, cfg, heldout: list[str], scorers: Scorers)
     return record
 
 
+METRICS = (("eval_reward", 3), ("eval_gold", 4), ("heldout_reward", 3), ("heldout_gold", 4))
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    """``mean`` (one value) or ``mean ± sample std``."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+
+
 def main() -> None:
     import argparse
 
@@ -102,29 +117,35 @@ def main() -> None:
     parser.add_argument("--structured", type=Path, default=None, help="a finished run of shapes_structured.yaml")
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every trained arm")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    folders = {arm: folder(args.work, arm) for arm in ARMS}
-    folders.update({k: v for k, v in (("finetuned", args.finetuned), ("structured", args.structured)) if v})
-    models = {arm: build(arm, folders) for arm in args.arms}
     cfg = load_preset(FINETUNE, ROOT / "configs")
     heldout = validate_run(cfg).heldout
     scorers = Scorers(load_reward(cfg.train.reward).eval(), load_reward(cfg.gold_reward).eval())
     base = load_pipeline("shapes-tiny")
     base.states, base.empty = encode_prompts(base, ["a red circle on a white background"]), encode_prompts(base, [""])
-    unets, results = {}, {}
-    for arm, (model, lora) in models.items():
-        pipe = load_pipeline(model, lora=lora, fuse_lora=True)
-        results[arm] = score(pipe, arm, args.work, cfg, heldout, scorers)
-        unets[arm] = pipe.unet
-        print(arm, results[arm], flush=True)
+    unets, results = {}, {arm: [] for arm in args.arms}
+    for seed in args.seeds:
+        work = args.work / f"seed{seed}" if seed else args.work
+        folders = {arm: folder(work, arm) for arm in ARMS}
+        if seed == 0:
+            folders.update({k: v for k, v in (("finetuned", args.finetuned), ("structured", args.structured)) if v})
+        for arm in args.arms:
+            if arm == "base" and results[arm]:
+                continue  # nothing trained: one evaluation
+            model, lora = build(arm, folders, seed)
+            pipe = load_pipeline(model, lora=lora, fuse_lora=True)
+            results[arm].append(score(pipe, arm, work, cfg, heldout, scorers))
+            unets.setdefault(arm, pipe.unet)
+            print(arm, seed, results[arm][-1], flush=True)
     speed = interleaved_medians({arm: sampler(base, unet, 16) for arm, unet in unets.items()}, args.repeats)
     reference = speed.get("base", next(iter(speed.values())))
-    rows = [f"| {arm} | {reference / speed[arm]:.2f}x | {r['eval_reward']:.3f} | {r['eval_gold']:.4f} | "
-            f"{r['heldout_reward']:.3f} | {r['heldout_gold']:.4f} |" for arm, r in results.items()]
+    rows = [f"| {arm} | {reference / speed[arm]:.2f}x | {len(r)} | " + " | ".join(
+            mean_sd([x[key] for x in r], digits) for key, digits in METRICS) + " |" for arm, r in results.items()]
     text = ("## Pruning meets reward finetuning\n\n" + header(command_line()) + __doc__.split("\n\n", 2)[2].strip()
-            + "\n\n| model | sampling speed-up | proxy (eval prompts) | gold (eval prompts) | proxy (held-out) | "
-            "gold (held-out) |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            + "\n\n| model | sampling speed-up | seeds | proxy (eval prompts) | gold (eval prompts) | "
+            "proxy (held-out) | gold (held-out) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     print(text)
     if not args.no_write:
         update_section("prune-finetune", text)

@@ -20,9 +20,9 @@ Arms (folders under ``--work`` made by the CLI; a finished one is reused, so a r
 Every model is scored by the finetune trainer's own evaluation (:func:`rewardtune.finetune.report.evaluate`: the
 preset's 8 evaluation prompts x 4 seeds and its 16 held-out prompts, 10 DDIM steps, eta 1, guidance 5; proxy =
 shapes_preference, gold = shapes_gold), LoRA weights fused. Speed: 20-step sampling of 16 images, interleaved rounds
-(seed 0's models). Seed s runs every CLI step with ``seed=s`` (the finetune's sampling and the distillation's data
-order) in ``--work/seed<s>`` (seed 0 in ``--work`` itself; ``--finetuned``/``--structured`` stand in for seed 0);
-numbers are mean ± std over the seeds an arm has.
+(seed 0's models). Seed s runs every CLI step with seed s (``train.seed=s`` for finetuning: its prompt and noise
+draws; ``seed=s`` for pruning: its data and distillation order) in ``--work/seed<s>`` (seed 0 in ``--work``
+itself; ``--finetuned``/``--structured`` stand in for seed 0); numbers are mean ± std over the seeds an arm has.
 """
 
 from __future__ import annotations
@@ -67,12 +67,13 @@ def build(arm: str, folders: dict[str, Path], seed: int = 0) -> tuple[str, Path 
         return "shapes-tiny", None
     if arm == "finetuned":
         if not (out / "final").is_dir():
-            cli("finetune", str(FINETUNE), f"output_dir={out}", "resume=auto", f"seed={seed}")
+            cli("finetune", str(FINETUNE), f"output_dir={out}", "resume=auto", f"train.seed={seed}")
         return "shapes-tiny", out / "final"
     if arm == "structured -> PRDP":
         pruned, _ = build("structured", folders, seed)
         if not (out / "final").is_dir():
-            cli("finetune", str(FINETUNE), f"model={pruned}", f"output_dir={out}", "resume=auto", f"seed={seed}")
+            cli("finetune", str(FINETUNE), f"model={pruned}", f"output_dir={out}", "resume=auto",
+                f"train.seed={seed}")
         return pruned, out / "final"
     if not (out / "report.json").is_file():
         lora = []

@@ -209,7 +209,7 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             "| mask | gold fidelity | taste | proxy reward | FD |\n|---|---|---|---|---|\n" + "\n".join(mrows) + "\n")
 
 
-TARGET_PRESETS = {  # row name -> preset whose `rewardtune prune` run (under --recovered) is measured
+TARGET_PRESETS = {  # row name -> preset (or folder) whose `rewardtune prune` run (under --recovered) is measured
     "structured 0.5, sampler-timestep distillation": "shapes_structured_target",
     "structured 0.5, all-timestep distillation": "shapes_structured",
     "structured 0.5, same architecture from scratch (equal compute)": "shapes_structured_scratch",
@@ -217,13 +217,14 @@ TARGET_PRESETS = {  # row name -> preset whose `rewardtune prune` run (under --r
     "structured 0.5, stage 1 at 0.25 (32/96), all-timestep distillation": "shapes_structured_mild",
     "blocks: no mid block (BK-SDM-Small)": "shapes_blocks",
     "blocks: no mid block, same architecture from scratch (equal compute)": "shapes_blocks_scratch",
+    # the guided term's control: shapes_structured.yaml recover.guided_weight=1 out=.../shapes_structured_guided_plain
+    "structured 0.5, all-timestep + guided distillation": "shapes_structured_guided_plain",
+    "structured 0.5, attention q/k/v kept (32/64), all-timestep + guided distillation": "shapes_structured_guided",
 }
 
 
 MILDER_PLANS = {  # speed only: milder structured cuts than halving every width (widths stage 0 / stage 1)
     "structured 0.25 (64/128 -> 32/96)": lambda unet: dict(ratio=0.25),
-    "structured 0.5, attention q/k/v kept (32/64)": lambda unet: dict(ratio=0.5, ignored=(
-        "conv_out", *[n for n, _ in unet.named_modules() if n.endswith(("to_q", "to_k", "to_v"))])),
 }
 
 

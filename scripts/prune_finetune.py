@@ -3,7 +3,7 @@ pruning a PRDP-finetuned UNet with distillation from the finetuned teacher; writ
 
     python scripts/prune_finetune.py [--finetuned outputs/demo] [--structured build/prune/shapes_structured]
                                      [--work build/prune_finetune] [--repeats 3] [--arms ...] [--seeds 0 1 2]
-                                     [--no-write]
+                                     [--no-build] [--no-write]
 
 Arms (folders under ``--work`` made by the CLI; a finished one is reused, so a rerun only evaluates):
 
@@ -57,6 +57,12 @@ def cli(*args: str) -> None:
 
 def folder(work: Path, arm: str) -> Path:
     return work / arm.replace(" -> ", "_to_").replace(" ", "_")
+
+
+def finished(arm: str, folders: dict[str, Path]) -> bool:
+    """Whether ``arm``'s model exists (the base model always does)."""
+    out = folders[arm]
+    return arm == "base" or (out / ("final" if arm in ("finetuned", "structured -> PRDP") else "report.json")).exists()
 
 
 def build(arm: str, folders: dict[str, Path], seed: int = 0) -> tuple[str, Path | None]:
@@ -119,6 +125,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=ARMS, choices=ARMS)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds of every trained arm")
+    parser.add_argument("--no-build", action="store_true", help="score only the arms and seeds already trained")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
     cfg = load_preset(FINETUNE, ROOT / "configs")
@@ -135,6 +142,8 @@ def main() -> None:
         for arm in args.arms:
             if arm == "base" and results[arm]:
                 continue  # nothing trained: one evaluation
+            if args.no_build and not finished(arm, folders):
+                continue  # --no-build: this seed of the arm is not trained; the table counts the seeds it has
             model, lora = build(arm, folders, seed)
             pipe = load_pipeline(model, lora=lora, fuse_lora=True)
             results[arm].append(score(pipe, arm, work, cfg, heldout, scorers))
@@ -143,7 +152,7 @@ def main() -> None:
     speed = interleaved_medians({arm: sampler(base, unet, 16) for arm, unet in unets.items()}, args.repeats)
     reference = speed.get("base", next(iter(speed.values())))
     rows = [f"| {arm} | {reference / speed[arm]:.2f}x | {len(r)} | " + " | ".join(
-            mean_sd([x[key] for x in r], digits) for key, digits in METRICS) + " |" for arm, r in results.items()]
+            mean_sd([x[key] for x in r], digits) for key, digits in METRICS) + " |" for arm, r in results.items() if r]
     text = ("## Pruning meets reward finetuning\n\n" + header(command_line()) + __doc__.split("\n\n", 2)[2].strip()
             + "\n\n| model | sampling speed-up | seeds | proxy (eval prompts) | gold (eval prompts) | "
             "proxy (held-out) | gold (held-out) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")

@@ -33,3 +33,19 @@ def test_paired_difference_by_hand():
     assert paired_difference([1.0, 2.0, 3.0], [0.5, 1.2, 2.9]) == f"+0.467 ± 0.351 (p = {p:.2f})"
     assert paired_difference([1.0], [0.25]) == "+0.750"
     assert paired_difference([1.0, 2.0], [1.0, 2.0]) == "+0.000 ± 0.000 (p = 1.00)"
+
+
+def test_seed_rows_give_mean_and_std_over_seeds_and_need_every_seed_to_meet_the_target():
+    from bench_prune import seed_rows
+
+    def q(speedup, mean, change):
+        return dict(speedup=speedup, mean=mean, change=change)
+
+    results = {"plan A, seed 0": q(2.0, 0.97, -0.01), "plan A, seed 1": q(2.2, 0.98, -0.02),
+               "plan A, seed 2": q(2.4, 0.99, -0.03), "plan B, seed 0": q(1.9, 0.99, 0.0),
+               "plan B, seed 1": q(2.1, 0.99, 0.0), "plan C, seed 0": q(3.0, 0.99, 0.0), "plan D": q(3.0, 0.99, 0.0)}
+    # plan A: speed-ups 2.0/2.2/2.4 -> 2.20 ± 0.20; fidelity 0.980 ± 0.010; change -2.0 ± 1.0 %; every seed meets it
+    # plan B: 1.9 misses 2x in one seed -> "no"; plan C (one seed) and plan D (no seed) get no summary row
+    assert seed_rows(results) == [
+        "| **plan A, mean ± std over 3 seeds** | – | 2.20 ± 0.20x | 0.980 ± 0.010 | -2.0 ± 1.0 % | yes |",
+        "| **plan B, mean ± std over 2 seeds** | – | 2.00 ± 0.14x | 0.990 ± 0.000 | +0.0 ± 0.0 % | no |"]

@@ -228,6 +228,9 @@ TARGET_PRESETS = {  # row name -> folder under --recovered of a `rewardtune prun
     # shapes_structured_target.yaml [seed=S out=.../shapes_structured_target_seedS]
     **{f"structured 0.5, target recipe (2x steps on 16384 renders), seed {s}":
        "shapes_structured_target" + (f"_seed{s}" if s else "") for s in range(3)},
+    # shapes_structured_target.yaml recover.init=scratch out=.../shapes_structured_target_scratch
+    "structured 0.5, target recipe, same architecture from scratch (equal compute)":
+        "shapes_structured_target_scratch",
     "structured 0.5 but stage-1 down block at 0.25 (96), 2x steps on 16384 renders": "shapes_structured_wide_down",
 }
 

@@ -261,18 +261,16 @@ def seed_rows(results: dict[str, dict]) -> list[str]:
         if ", seed " in name:
             groups.setdefault(name.rsplit(", seed ", 1)[0], []).append(q)
 
-    def spread(qs, key, scale=1.0):
-        values = [scale * q[key] for q in qs]
-        return statistics.mean(values), statistics.stdev(values)
+    from runs import mean_std
 
     rows = []
     for recipe, qs in groups.items():
         if len(qs) < 2:
             continue
-        (sp, sp_sd), (fid, fid_sd), (ch, ch_sd) = (spread(qs, "speedup"), spread(qs, "mean"),
-                                                   spread(qs, "change", 100))
-        rows.append(f"| **{recipe}, mean ± std over {len(qs)} seeds** | – | {sp:.2f} ± {sp_sd:.2f}x | {fid:.3f} ± "
-                    f"{fid_sd:.3f} | {ch:+.1f} ± {ch_sd:.1f} % | {'yes' if all(map(meets_target, qs)) else 'no'} |")
+        speed, fidelity = mean_std([q["speedup"] for q in qs], ".2f"), mean_std([q["mean"] for q in qs], ".3f")
+        change = mean_std([100 * q["change"] for q in qs], "+.1f")
+        rows.append(f"| **{recipe}, mean ± std over {len(qs)} seeds** | – | {speed}x | {fidelity} | {change} % | "
+                    f"{'yes' if all(map(meets_target, qs)) else 'no'} |")
     return rows
 
 

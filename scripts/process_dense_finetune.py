@@ -26,7 +26,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, add_run_arguments, finished, read_jsonl, run_all
+from runs import FIGURES, ROOT, Arm, add_run_arguments, finished, mean_std, read_jsonl, run_all
 
 X0 = "configs/grpo/shapes_small_dense_x0.yaml"
 ARMS = {"outcome": ("configs/grpo/shapes_small.yaml", []), "prime": ("configs/grpo/shapes_small_prime.yaml", []),
@@ -78,9 +78,7 @@ def cell(values: list[float], fmt: str = "+.3f") -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
-    if len(values) == 1:
-        return f"{values[0]:{fmt}}"
-    return f"{statistics.mean(values):{fmt}} ± {statistics.stdev(values):{fmt.lstrip('+')}}"
+    return mean_std(values, fmt)
 
 
 def efficiency_table(names: list[str], curves: dict[str, list[list[dict]]], budgets: list[int]) -> str:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 from bench_prune import interleaved_medians, sampler
+from runs import mean_std
 
 from rewardtune.diffusion import encode_prompts, load_pipeline
 from rewardtune.finetune.report import EvalSet, Scorers, evaluate
@@ -103,16 +104,7 @@ def score(pipe, arm: str, work: Path, cfg, heldout: list[str], scorers: Scorers)
     return record
 
 
-METRICS = (("eval_reward", 3), ("eval_gold", 4), ("heldout_reward", 3), ("heldout_gold", 4))
-
-
-def mean_sd(values: list[float], digits: int) -> str:
-    """``mean`` (one value) or ``mean ± sample std``."""
-    mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.{digits}f}"
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
-    return f"{mean:.{digits}f} ± {sd:.{digits}f}"
+METRICS = (("eval_reward", ".3f"), ("eval_gold", ".4f"), ("heldout_reward", ".3f"), ("heldout_gold", ".4f"))
 
 
 def main() -> None:
@@ -152,7 +144,7 @@ def main() -> None:
     speed = interleaved_medians({arm: sampler(base, unet, 16) for arm, unet in unets.items()}, args.repeats)
     reference = speed.get("base", next(iter(speed.values())))
     rows = [f"| {arm} | {reference / speed[arm]:.2f}x | {len(r)} | " + " | ".join(
-            mean_sd([x[key] for x in r], digits) for key, digits in METRICS) + " |" for arm, r in results.items() if r]
+            mean_std([x[key] for x in r], fmt) for key, fmt in METRICS) + " |" for arm, r in results.items() if r]
     text = ("## Pruning meets reward finetuning\n\n" + header(command_line()) + __doc__.split("\n\n", 2)[2].strip()
             + "\n\n| model | sampling speed-up | seeds | proxy (eval prompts) | gold (eval prompts) | "
             "proxy (held-out) | gold (held-out) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")

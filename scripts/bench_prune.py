@@ -209,15 +209,22 @@ def bench_shapes(recovered: Path, repeats: int, num_prompts: int) -> str:
             "| mask | gold fidelity | taste | proxy reward | FD |\n|---|---|---|---|---|\n" + "\n".join(mrows) + "\n")
 
 
+def seeded(row: str, folder: str, seeds=range(3)) -> dict[str, str]:
+    """``row, seed S`` -> ``folder`` for seed 0, ``folder_seedS`` otherwise: one recipe run with several seeds (the
+    table adds their mean ± std, :func:`seed_rows`)."""
+    return {f"{row}, seed {s}": folder + (f"_seed{s}" if s else "") for s in seeds}
+
+
 TARGET_PRESETS = {  # row name -> folder under --recovered of a `rewardtune prune` run (its command beside it)
+    # [seed=S out=.../NAME_seedS] for the seeded rows (layer tickets: also options.seed=S, its initialisation)
     # shapes_structured.yaml recover.timesteps=20 out=.../shapes_structured_sampler_timesteps
     "structured 0.5, sampler-timestep distillation": "shapes_structured_sampler_timesteps",
-    "structured 0.5, all-timestep distillation on 4096 renders": "shapes_structured",
+    **seeded("structured 0.5, all-timestep distillation on 4096 renders", "shapes_structured"),
     "structured 0.5, same architecture from scratch (equal compute)": "shapes_structured_scratch",
-    "layer tickets at initialisation (2 of 6 units)": "shapes_layer_tickets",
+    **seeded("layer tickets at initialisation (2 of 6 units)", "shapes_layer_tickets"),
     "structured 0.5, stage 1 at 0.25 (32/96), all-timestep distillation": "shapes_structured_mild",
-    "blocks: no mid block (BK-SDM-Small)": "shapes_blocks",
-    "blocks: no mid block, same architecture from scratch (equal compute)": "shapes_blocks_scratch",
+    **seeded("blocks: no mid block (BK-SDM-Small)", "shapes_blocks"),
+    **seeded("blocks: no mid block, same architecture from scratch (equal compute)", "shapes_blocks_scratch"),
     # the guided term's control: shapes_structured.yaml recover.guided_weight=1 out=.../shapes_structured_guided_plain
     "structured 0.5, all-timestep + guided distillation": "shapes_structured_guided_plain",
     "structured 0.5, attention q/k/v kept (32/64), all-timestep + guided distillation": "shapes_structured_guided",
@@ -225,12 +232,10 @@ TARGET_PRESETS = {  # row name -> folder under --recovered of a `rewardtune prun
     # recover.steps=10000) out=.../shapes_structured_16k (shapes_structured_10k)
     "structured 0.5, all-timestep distillation on 16384 renders": "shapes_structured_16k",
     "structured 0.5, all-timestep distillation on 4096 renders, 2x steps": "shapes_structured_10k",
-    # shapes_structured_target.yaml [seed=S out=.../shapes_structured_target_seedS]
-    **{f"structured 0.5, target recipe (2x steps on 16384 renders), seed {s}":
-       "shapes_structured_target" + (f"_seed{s}" if s else "") for s in range(3)},
+    **seeded("structured 0.5, target recipe (2x steps on 16384 renders)", "shapes_structured_target"),
     # shapes_structured_target.yaml recover.init=scratch out=.../shapes_structured_target_scratch
-    "structured 0.5, target recipe, same architecture from scratch (equal compute)":
-        "shapes_structured_target_scratch",
+    **seeded("structured 0.5, target recipe, same architecture from scratch (equal compute)",
+             "shapes_structured_target_scratch"),
     "structured 0.5 but stage-1 down block at 0.25 (96), 2x steps on 16384 renders": "shapes_structured_wide_down",
 }
 

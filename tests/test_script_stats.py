@@ -49,3 +49,14 @@ def test_seed_rows_give_mean_and_std_over_seeds_and_need_every_seed_to_meet_the_
     assert seed_rows(results) == [
         "| **plan A, mean ± std over 3 seeds** | – | 2.20 ± 0.20x | 0.980 ± 0.010 | -2.0 ± 1.0 % | yes |",
         "| **plan B, mean ± std over 2 seeds** | – | 2.00 ± 0.14x | 0.990 ± 0.000 | +0.0 ± 0.0 % | no |"]
+
+
+def test_mask_screen_rows_give_standard_errors_for_one_seed_and_std_over_seeds():
+    from prune_masks_equal_compute import row
+
+    one = {"mean": 0.5, "se": 0.02, "change": -0.25, "change_se": 0.015, "sparsity": 0.9, "seconds": 100.0}
+    assert row("GraNet", [one]) == "| GraNet | 1 | 0.900 | 0.500 ± 0.020 | -25.0 ± 1.5 % | 100 s |"
+    # fidelities 0.5, 0.6, 0.7: mean 0.6, sample std 0.1; changes -25, -15, -5 %: mean -15, std 10
+    qs = [{**one, "mean": m, "change": c, "seconds": s} for m, c, s in ((0.5, -0.25, 90.0), (0.6, -0.15, 100.0),
+                                                                         (0.7, -0.05, 110.0))]
+    assert row("GraNet", qs) == "| GraNet | 3 | 0.900 | 0.600 ± 0.100 | -15.0 ± 10.0 % | 100 s |"

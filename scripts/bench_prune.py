@@ -245,14 +245,6 @@ MILDER_PLANS = {  # speed only: milder structured cuts than halving every width 
 }
 
 
-def paired_fidelity(pipe, unet, items, seeds, base: torch.Tensor) -> dict[str, float]:
-    """Gold fidelity of ``unet`` on ``items``/``seeds`` and its paired change against ``base [N]`` (the original's
-    per-sample fidelity on the same prompts and seeds; :func:`rewardtune.prune.evaluate.paired_change`)."""
-    from rewardtune.prune.evaluate import gold_fidelity, paired_change
-
-    return paired_change(gold_fidelity(pipe, items, seeds, unet=unet), base)
-
-
 def meets_target(q: dict) -> bool:
     """Issue 15's target: >= 2x sampling at <= 5 % gold-fidelity loss."""
     return q["speedup"] >= 2 and q["change"] >= -0.05
@@ -288,10 +280,21 @@ def run_compute(run_dir: Path) -> str:
     return f"{c.get('steps')} x {c.get('batch_size')} ({c.get('recover_init', 'pruned')} init)"
 
 
-def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
-    """Issue 15's target: >= 2x 20-step sampling at <= 5 % gold-fidelity loss on >= 256 held-out samples."""
-    from rewardtune.prune.evaluate import gold_fidelity
+def sampled_quality(pipe, unet, scorer: ShapesQuality, items, seeds, base: dict, reference) -> dict[str, float]:
+    """Gold fidelity of ``unet``'s samples of ``items``/``seeds`` with its change paired against ``base`` (the
+    original's per-sample scores, :func:`rewardtune.prune.evaluate.paired_change`), and from the same images the
+    mean taste, proxy reward and FD to the original's tiny-CLIP features ``reference``."""
+    from rewardtune.prune.evaluate import frechet_distance, paired_change
 
+    images = sample_images(pipe, items, seeds, unet=unet)
+    s = scorer.scores(images, items)
+    return {**paired_change(s["fidelity"], base["fidelity"]), "taste": float(s["taste"].mean()),
+            "proxy": float(s["proxy"].mean()), "fd": frechet_distance(scorer.features(images), reference)}
+
+
+def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
+    """Issue 15's target: >= 2x 20-step sampling at <= 5 % gold-fidelity loss on >= 256 held-out samples; and per
+    model its parameters, MACs, forward speed-up, taste, proxy and FD (issue 15's evidence)."""
     pipe = load_pipeline("shapes-tiny")
     pipe.states, pipe.empty = encode_prompts(pipe, ["a red circle on a white background"]), encode_prompts(pipe, [""])
     found = {name: recovered / preset for name, preset in TARGET_PRESETS.items()
@@ -299,19 +302,25 @@ def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
     unets = {"original": pipe.unet, **{name: load_pipeline(str(d / "pipeline")).unet for name, d in found.items()}}
     with torch.enable_grad():
         milder = {name: prune_unet(pipe.unet, **plan(pipe.unet)) for name, plan in MILDER_PLANS.items()}
+    inputs = example_inputs(pipe.unet, batch=32, tokens=32)
+    forward = interleaved_medians({n: (lambda u=u: u(**inputs)) for n, u in unets.items()}, 3 * repeats)
     speed = interleaved_medians({n: sampler(pipe, u, 16) for n, u in {**unets, **milder}.items()}, repeats)
     prompts = read_prompts(HELDOUT)[:num_prompts]
     items, seeds = [p for p in prompts for _ in range(2)], list(range(2 * len(prompts)))
-    base = gold_fidelity(pipe, items, seeds)
-    se = float(base.std() / len(base) ** 0.5)
-    rows = [f"| original | – | 1.00x | {float(base.mean()):.3f} ± {se:.3f} | – | – |"]
+    scorer = ShapesQuality()
+    images = sample_images(pipe, items, seeds)
+    base, reference = scorer.scores(images, items), scorer.features(images)
+    se = float(base["fidelity"].std() / len(items) ** 0.5)
+    rows = [f"| original | – | 1.00x | {float(base['fidelity'].mean()):.3f} ± {se:.3f} | – | – |"]
+    costs = [cost_row("original", pipe.unet, inputs, 1.0, {key: float(v.mean()) for key, v in base.items()}, 0.0)]
     results = {}
     for name, run_dir in found.items():
-        q = results[name] = {**paired_fidelity(pipe, unets[name], items, seeds, base),
+        q = results[name] = {**sampled_quality(pipe, unets[name], scorer, items, seeds, base, reference),
                              "speedup": speed["original"] / speed[name]}
         met = "yes" if meets_target(q) else "no"
         rows.append(f"| {name} | {run_compute(run_dir)} | {q['speedup']:.2f}x | {q['mean']:.3f} ± {q['se']:.3f} | "
                     f"{100 * q['change']:+.1f} ± {100 * q['change_se']:.1f} % | {met} |")
+        costs.append(cost_row(name, unets[name], inputs, forward["original"] / forward[name], q, q["fd"]))
         print(rows[-1], flush=True)
     rows += seed_rows(results)
     rows += [f"| {name} (not recovered: speed only) | – | {speed['original'] / speed[name]:.2f}x | – | – | no |"
@@ -324,7 +333,18 @@ def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
             "distillation steps x batch of the run.\n\n| model | compute | sampling speed-up | gold fidelity | "
             "fidelity change | target met |\n|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
             + (f"\nNot run (no `rewardtune prune` folder under `{recovered}`): {', '.join(missing)}.\n"
-               if missing else ""))
+               if missing else "")
+            + f"\nThe same models: parameters, MACs and UNet forward at batch 32 (8x8 latents, 32 tokens; "
+            f"interleaved, median of {3 * repeats} rounds); taste (gold), proxy reward (shapes_preference) and FD "
+            "(Frechet distance of tiny-CLIP image features to the original's samples) on the same samples as the "
+            "table above.\n\n"
+            "| model | params | MACs | forward speed-up | taste | proxy | FD |\n|---|---|---|---|---|---|---|\n"
+            + "\n".join(costs) + "\n")
+
+
+def cost_row(name: str, unet, inputs, forward_speedup: float, q: dict, fd: float) -> str:
+    return (f"| {name} | {count_params(unet) / 1e6:.2f}M | {count_macs(unet, inputs) / 1e9:.3f}G | "
+            f"{forward_speedup:.2f}x | {q['taste']:.3f} | {q['proxy']:.2f} | {fd:.2f} |")
 
 
 def main() -> None:

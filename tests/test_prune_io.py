@@ -98,3 +98,6 @@ def test_shapes_quality_scores_images_and_is_zero_against_itself():
     assert 0 <= quality["fidelity"] <= 1 and 0 <= quality["taste"] <= 1
     assert quality["fd"] == pytest.approx(0.0, abs=1e-3)
     assert scorer(images.flip(0), prompts, reference)["fd"] == pytest.approx(0.0, abs=1e-3)  # order-free
+    per_sample = scorer.scores(images, prompts)
+    assert {key: v.shape for key, v in per_sample.items()} == {k: (6,) for k in ("fidelity", "taste", "proxy")}
+    assert all(quality[key] == pytest.approx(float(v.mean())) for key, v in per_sample.items())

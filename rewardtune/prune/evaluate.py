@@ -73,15 +73,19 @@ class ShapesQuality:
         return torch.cat([self.clip.encode_images(chunk) for chunk in images.split(128)]).float().cpu()
 
     @torch.no_grad()
-    def __call__(self, images: torch.Tensor, prompts: list[str],
-                 reference: torch.Tensor | None = None) -> dict[str, float]:
-        """``fidelity``, ``taste``, ``proxy`` means and ``fd`` to ``reference`` features (if given)."""
+    def scores(self, images: torch.Tensor, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Per-sample ``fidelity``, ``taste`` (gold) and ``proxy`` scores ``[N]`` of ``images [N,3,H,W]``."""
         from rewardtune.shapes.oracle import gold_scores
 
         gold = gold_scores(images, prompts)
         proxy = torch.cat([self.proxy(images[i:i + 128], prompts[i:i + 128]) for i in range(0, len(prompts), 128)])
-        out = {"fidelity": float(gold["fidelity"].mean()), "taste": float(gold["taste"].mean()),
-               "proxy": float(proxy.mean())}
+        return {"fidelity": gold["fidelity"], "taste": gold["taste"], "proxy": proxy.float().cpu()}
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str],
+                 reference: torch.Tensor | None = None) -> dict[str, float]:
+        """``fidelity``, ``taste``, ``proxy`` means and ``fd`` to ``reference`` features (if given)."""
+        out = {key: float(values.mean()) for key, values in self.scores(images, prompts).items()}
         if reference is not None:
             out["fd"] = frechet_distance(self.features(images), reference)
         return out

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 from bench_prune import interleaved_medians, sampler
-from runs import mean_std
+from runs import mean_std, paired_difference
 
 from rewardtune.diffusion import encode_prompts, load_pipeline
 from rewardtune.finetune.report import EvalSet, Scorers, evaluate
@@ -104,6 +104,36 @@ def score(pipe, arm: str, work: Path, cfg, heldout: list[str], scorers: Scorers)
     return record
 
 
+CONTRASTS = [  # (what the difference measures, arm a, arm b): a - b paired by seed
+    ("PRDP's gain on the unpruned model", "finetuned", "base"),
+    ("(a) PRDP's gain on the pruned model", "structured -> PRDP", "structured"),
+    ("(b) what the finetuned teacher adds to structured pruning", "finetuned -> structured", "structured"),
+    ("(b) what structured pruning costs the finetuned model", "finetuned -> structured", "finetuned"),
+    ("(b) what the finetuned teacher adds to block removal", "finetuned -> blocks", "blocks"),
+    ("(b) what block removal costs the finetuned model", "finetuned -> blocks", "finetuned"),
+]
+
+
+def contrasts(results: dict[str, dict[int, dict]]) -> str:
+    """Paired differences ``a - b`` over the seeds both arms have (``base`` is one evaluation, the same for every
+    seed): mean ± std and a two-sided paired t-test (:func:`runs.paired_difference`)."""
+    rows = []
+    for label, a, b in CONTRASTS:
+        if not results.get(a) or not results.get(b):
+            continue
+        one = next(iter(results[b].values()))
+        other = {s: one if b == "base" else results[b].get(s) for s in results[a]}
+        seeds = [s for s in sorted(results[a]) if other[s] is not None]
+        if not seeds:
+            continue
+        cells = [paired_difference([results[a][s][key] for s in seeds], [other[s][key] for s in seeds])
+                 for key, _ in METRICS]
+        rows.append(f"| {label} | {a} - {b} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return ("\nDifferences paired by seed (mean ± std over seeds, p: two-sided paired t-test; one seed: the "
+            "difference):\n\n| difference | arms | seeds | proxy (eval prompts) | gold (eval prompts) | proxy "
+            "(held-out) | gold (held-out) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n") if rows else ""
+
+
 METRICS = (("eval_reward", ".3f"), ("eval_gold", ".4f"), ("heldout_reward", ".3f"), ("heldout_gold", ".4f"))
 
 
@@ -125,7 +155,7 @@ def main() -> None:
     scorers = Scorers(load_reward(cfg.train.reward).eval(), load_reward(cfg.gold_reward).eval())
     base = load_pipeline("shapes-tiny")
     base.states, base.empty = encode_prompts(base, ["a red circle on a white background"]), encode_prompts(base, [""])
-    unets, results = {}, {arm: [] for arm in args.arms}
+    unets, results = {}, {arm: {} for arm in args.arms}  # arm -> seed -> scores
     for seed in args.seeds:
         work = args.work / f"seed{seed}" if seed else args.work
         folders = {arm: folder(work, arm) for arm in ARMS}
@@ -138,16 +168,18 @@ def main() -> None:
                 continue  # --no-build: this seed of the arm is not trained; the table counts the seeds it has
             model, lora = build(arm, folders, seed)
             pipe = load_pipeline(model, lora=lora, fuse_lora=True)
-            results[arm].append(score(pipe, arm, work, cfg, heldout, scorers))
+            results[arm][seed] = score(pipe, arm, work, cfg, heldout, scorers)
             unets.setdefault(arm, pipe.unet)
-            print(arm, seed, results[arm][-1], flush=True)
+            print(arm, seed, results[arm][seed], flush=True)
     speed = interleaved_medians({arm: sampler(base, unet, 16) for arm, unet in unets.items()}, args.repeats)
     reference = speed.get("base", next(iter(speed.values())))
     rows = [f"| {arm} | {reference / speed[arm]:.2f}x | {len(r)} | " + " | ".join(
-            mean_std([x[key] for x in r], fmt) for key, fmt in METRICS) + " |" for arm, r in results.items() if r]
+            mean_std([x[key] for x in r.values()], fmt) for key, fmt in METRICS) + " |" for arm, r in results.items()
+            if r]
     text = ("## Pruning meets reward finetuning\n\n" + header(command_line()) + __doc__.split("\n\n", 2)[2].strip()
             + "\n\n| model | sampling speed-up | seeds | proxy (eval prompts) | gold (eval prompts) | "
-            "proxy (held-out) | gold (held-out) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+            "proxy (held-out) | gold (held-out) |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+            + contrasts(results))
     print(text)
     if not args.no_write:
         update_section("prune-finetune", text)

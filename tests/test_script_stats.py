@@ -60,3 +60,26 @@ def test_mask_screen_rows_give_standard_errors_for_one_seed_and_std_over_seeds()
     qs = [{**one, "mean": m, "change": c, "seconds": s} for m, c, s in ((0.5, -0.25, 90.0), (0.6, -0.15, 100.0),
                                                                          (0.7, -0.05, 110.0))]
     assert row("GraNet", qs) == "| GraNet | 3 | 0.900 | 0.600 ± 0.100 | -15.0 ± 10.0 % | 100 s |"
+
+
+def test_prune_finetune_contrasts_pair_by_seed_and_reuse_the_one_base_evaluation():
+    from prune_finetune import contrasts
+
+    def scores(gold):
+        return {"eval_reward": 8.0, "eval_gold": gold, "heldout_reward": 8.0, "heldout_gold": gold}
+
+    results = {"base": {0: scores(0.80)},
+               "finetuned": {0: scores(0.83), 1: scores(0.85), 2: scores(0.84)},
+               "structured": {0: scores(0.82), 2: scores(0.80)},
+               "finetuned -> structured": {0: scores(0.84), 1: scores(0.90), 2: scores(0.83)}}
+    lines = {line.split(" | ")[0]: line for line in contrasts(results).splitlines() if line.startswith("| (") or
+             line.startswith("| PRDP")}
+    # finetuned - base: 0.03, 0.05, 0.04 -> mean 0.04, sd 0.01, t = 0.04 / (0.01 / sqrt 3) = 6.93, df 2
+    t = 0.04 / (0.01 / 3 ** 0.5)
+    p = 1 - t / (t * t + 2) ** 0.5
+    gain = lines["| PRDP's gain on the unpruned model"]
+    assert f"| 3 | +0.000 ± 0.000 (p = 1.00) | +0.040 ± 0.010 (p = {p:.2f}) |" in gain
+    # finetuned -> structured - structured: only seeds 0 and 2 have both: 0.02, 0.03
+    teacher = lines["| (b) what the finetuned teacher adds to structured pruning"]
+    assert "| 2 |" in teacher and "+0.025 ± 0.007" in teacher
+    assert not any("PRDP's gain on the pruned model" in line for line in lines)  # structured -> PRDP not run

@@ -312,7 +312,8 @@ def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
     base, reference = scorer.scores(images, items), scorer.features(images)
     se = float(base["fidelity"].std() / len(items) ** 0.5)
     rows = [f"| original | – | 1.00x | {float(base['fidelity'].mean()):.3f} ± {se:.3f} | – | – |"]
-    costs = [cost_row("original", pipe.unet, inputs, 1.0, {key: float(v.mean()) for key, v in base.items()}, 0.0)]
+    original = {**{key: float(v.mean()) for key, v in base.items()}, "fd": 0.0}
+    costs = [cost_row("original", pipe.unet, inputs, 1.0, original)]
     results = {}
     for name, run_dir in found.items():
         q = results[name] = {**sampled_quality(pipe, unets[name], scorer, items, seeds, base, reference),
@@ -320,7 +321,7 @@ def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
         met = "yes" if meets_target(q) else "no"
         rows.append(f"| {name} | {run_compute(run_dir)} | {q['speedup']:.2f}x | {q['mean']:.3f} ± {q['se']:.3f} | "
                     f"{100 * q['change']:+.1f} ± {100 * q['change_se']:.1f} % | {met} |")
-        costs.append(cost_row(name, unets[name], inputs, forward["original"] / forward[name], q, q["fd"]))
+        costs.append(cost_row(name, unets[name], inputs, forward["original"] / forward[name], q))
         print(rows[-1], flush=True)
     rows += seed_rows(results)
     rows += [f"| {name} (not recovered: speed only) | – | {speed['original'] / speed[name]:.2f}x | – | – | no |"
@@ -342,9 +343,10 @@ def bench_target(recovered: Path, repeats: int, num_prompts: int) -> str:
             + "\n".join(costs) + "\n")
 
 
-def cost_row(name: str, unet, inputs, forward_speedup: float, q: dict, fd: float) -> str:
+def cost_row(name: str, unet, inputs, forward_speedup: float, q: dict) -> str:
+    """Params, MACs, forward speed-up and ``q``'s mean taste, proxy and FD."""
     return (f"| {name} | {count_params(unet) / 1e6:.2f}M | {count_macs(unet, inputs) / 1e9:.3f}G | "
-            f"{forward_speedup:.2f}x | {q['taste']:.3f} | {q['proxy']:.2f} | {fd:.2f} |")
+            f"{forward_speedup:.2f}x | {q['taste']:.3f} | {q['proxy']:.2f} | {q['fd']:.2f} |")
 
 
 def main() -> None:

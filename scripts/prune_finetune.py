@@ -121,9 +121,8 @@ def contrasts(results: dict[str, dict[int, dict]]) -> str:
     for label, a, b in CONTRASTS:
         if not results.get(a) or not results.get(b):
             continue
-        one = next(iter(results[b].values()))
-        other = {s: one if b == "base" else results[b].get(s) for s in results[a]}
-        seeds = [s for s in sorted(results[a]) if other[s] is not None]
+        other = dict.fromkeys(results[a], next(iter(results[b].values()))) if b == "base" else results[b]
+        seeds = [s for s in sorted(results[a]) if s in other]
         if not seeds:
             continue
         cells = [paired_difference([results[a][s][key] for s in seeds], [other[s][key] for s in seeds])

@@ -3,6 +3,10 @@ BENCHMARKS.md (section ``<model>-quality``).
 
     python scripts/eval_shapes_tiny.py [--model shapes-tiny] [--images-per-prompt 4] [--steps 20] [--guidance 5]
     python scripts/eval_shapes_tiny.py --model shapes-tiny-flow   # the SD3 flow model (Euler ODE, eta 0)
+    python scripts/eval_shapes_tiny.py --steps 10 8 6 5 --eta 1 --section sampling-schedule  # finetuning's sampler
+
+Several ``--steps`` give one row each (same prompts and seeds): does a cheaper schedule keep quality? ``--eta 1`` is
+the stochastic DDIM that finetuning samples with (every step has a log-probability); the default 0 is plain DDIM.
 
 Held-out prompts name all five attributes of combinations never rendered for training. Reports accuracy of colour,
 shape, colour+shape (the quality target: >= 70 %), position, size and background, the gold scores, the same read-out
@@ -49,7 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="shapes-tiny")
     parser.add_argument("--images-per-prompt", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--steps", type=int, nargs="+", default=[20])
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (1: finetuning's stochastic sampler)")
+    parser.add_argument("--section", help="BENCHMARKS.md section (default: <model>-quality)")
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=Path("build/eval_shapes_tiny"))
     parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
@@ -59,32 +65,36 @@ def main() -> None:
     items = [p for p in prompts for _ in range(args.images_per_prompt)]
     seeds = list(range(len(items)))
     pipe = load_pipeline(args.model)
-    settings = SamplerSettings(steps=args.steps, guidance=args.guidance, eta=0.0, batch_size=100)
-    t0 = time.time()
-    images = generate(pipe, prompts, seeds, settings, per_prompt=args.images_per_prompt).images
-    seconds = time.time() - t0
-    model = accuracies(images, items)
+    family = {"ddim": "DDIM", "flow": "flow-ODE Euler"}[family_of(pipe)]
+    rows, seconds = [], {}
+    for steps in args.steps:
+        settings = SamplerSettings(steps=steps, guidance=args.guidance, eta=args.eta, batch_size=100)
+        t0 = time.time()
+        images = generate(pipe, prompts, seeds, settings, per_prompt=args.images_per_prompt).images
+        seconds[steps] = time.time() - t0
+        eta = f", eta {args.eta:g}" if args.eta else ""
+        rows.append((f"{args.model} ({steps} {family} steps{eta}, guidance {args.guidance})",
+                     accuracies(images, items)))
     truth_scenes = [Scene(**{k: parse_prompt(p)[k] for k in ATTRS}, softness=0.8) for p in items]
     ceiling = accuracies(images_from_uint8(render(truth_scenes, seed=0)), items)
 
     args.out.mkdir(parents=True, exist_ok=True)
     save_png(make_grid(images[: 16 * args.images_per_prompt], ncol=args.images_per_prompt * 4), args.out / "grid.png")
-    (args.out / "results.json").write_text(json.dumps({"model": model, "ground_truth": ceiling}, indent=2))
+    (args.out / "results.json").write_text(json.dumps({"model": dict(rows), "ground_truth": ceiling}, indent=2))
     cols = ["color+shape", *ATTRS, "fidelity", "taste"]
     chance = {"color+shape": 1 / 18, "color": 1 / 6, "shape": 1 / 3, "position": 1 / 9, "size": 1 / 3,
               "background": 1 / 4}
     table = "| images | " + " | ".join(cols) + " |\n|---|" + "---|" * len(cols) + "\n"
-    family = {"ddim": "DDIM", "flow": "flow-ODE Euler"}[family_of(pipe)]
-    for name, row in ((f"{args.model} ({args.steps} {family} steps, guidance {args.guidance})", model),
-                      ("ground-truth renders (oracle ceiling)", ceiling)):
+    for name, row in (*rows, ("ground-truth renders (oracle ceiling)", ceiling)):
         table += f"| {name} | " + " | ".join(f"{row[c]:.3f}" for c in cols) + " |\n"
     table += "| chance | " + " | ".join(f"{chance[c]:.3f}" if c in chance else "–" for c in cols) + " |\n"
     text = header(command_line()) + (
         f"{len(prompts)} held-out prompts x {args.images_per_prompt} seeds = {len(items)} images, sampled in "
-        f"{seconds:.1f} s ({len(items) / seconds:.1f} images/s, batch 100).\n\n" + table)
+        + ", ".join(f"{s:.1f} s ({len(items) / s:.1f} images/s)" for s in seconds.values())
+        + " (batch 100; the last grid is saved).\n\n" + table)
     print(text)
     if not args.no_write:
-        update_section(f"{args.model}-quality", text)
+        update_section(args.section or f"{args.model}-quality", text)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,17 @@ from __future__ import annotations
 import argparse
 
 from controls import grid_figure
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, finished, paired_difference, run_all, table
+from runs import (
+    Arm,
+    add_run_arguments,
+    figures_dir,
+    final_scores,
+    finished,
+    paired_difference,
+    run_all,
+    shown,
+    table,
+)
 
 MODELS = {"tiny": "shapes_small", "flow": "shapes_flow_small"}
 ARMS = {"prdp": ("prdp", []), "grpo": ("grpo", []), "ddpo": ("ddpo", []),
@@ -63,7 +73,7 @@ def main() -> None:
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
     names = [a.name for a in plan]
-    figure = grid_figure(names, args.out, args.seeds[0], FIGURES / "compare_algorithms.png")
+    figure = grid_figure(names, args.out, args.seeds[0], figures_dir(args) / "compare_algorithms.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     text = "\n".join([
@@ -76,7 +86,7 @@ def main() -> None:
         "Mean ± std over seeds.", "", table(names, results, COLUMNS), "",
         "Paired by seed (arm A − arm B per seed; mean ± sd, two-sided paired t-test over the seeds):", "",
         paired_table(args.models, results), "",
-        f"![compare]({figure.relative_to(ROOT)}) Before (left) and after (right) grids of seed {args.seeds[0]}, "
+        f"![compare]({shown(figure)}) Before (left) and after (right) grids of seed {args.seeds[0]}, "
         "one row per run, in the table's order."])
     print(text)
     if not args.no_write:

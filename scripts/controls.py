@@ -23,7 +23,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, finished, run_all, table
+from runs import ROOT, Arm, add_run_arguments, figures_dir, final_scores, finished, run_all, shown, table
 
 PRESET = "configs/prdp/shapes_small.yaml"
 CONTROLS = {
@@ -42,6 +42,8 @@ SETTINGS = {
     "lora8-lr2e-3": ["lora_rank=8", "train.optim.lr=2e-3"],
     "lora8-lr2e-3-g1": ["lora_rank=8", "train.optim.lr=2e-3", "train.groups_per_update=1"],
     "lora8-lr5e-3": ["lora_rank=8", "train.optim.lr=5e-3"],  # can the trainer move the images visibly at all?
+    # the preset's lr with 6 optimizer steps per pass instead of 1 (same samples): does the policy move further?
+    "lora8-lr5e-4-g1": ["lora_rank=8", "train.optim.lr=5e-4", "train.groups_per_update=1"],
     # train on the 8 evaluation prompts only: ~4.5 samples per prompt and epoch instead of 1
     "lora8-lr5e-4-eval8": ["lora_rank=8", "train.optim.lr=5e-4", "prompts_file=null", "prompts=EVAL"],
 }
@@ -92,7 +94,7 @@ def main() -> None:
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
     names = [a.name for a in plan]
-    figure = grid_figure(names, args.out, args.seeds[0], FIGURES / f"{args.section}.png")
+    figure = grid_figure(names, args.out, args.seeds[0], figures_dir(args) / f"{args.section}.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     text = "\n".join([
@@ -103,7 +105,7 @@ def main() -> None:
         + "; ".join(f"`{s}` = {' '.join(SETTINGS[s]) or 'the preset'}" for s in args.settings)
         + ". Controls: " + "; ".join(f"`{c}` = {' '.join(CONTROLS[c]) or 'the preset reward'}" for c in args.controls)
         + ".", "", table(names, results, COLUMNS), "",
-        f"![{args.section}]({figure.relative_to(ROOT)}) Before (left) and after (right) grids of seed "
+        f"![{args.section}]({shown(figure)}) Before (left) and after (right) grids of seed "
         f"{args.seeds[0]}, one row per run, in the table's order."])
     print(text)
     if not args.no_write:

@@ -17,7 +17,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, read_jsonl, run_all, table
+from runs import Arm, add_run_arguments, figures_dir, final_scores, read_jsonl, run_all, shown, table
 
 from rewardtune.finetune.report import summed_kl
 
@@ -101,7 +101,7 @@ def main() -> None:
     plan = [ARMS[name] for name in args.arms]
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [with_peak(final_scores(f), curves(f)) for f in folders] for name, folders in runs.items()}
-    figure = plot(runs, FIGURES / "overoptimisation.png")
+    figure = plot(runs, figures_dir(args) / "overoptimisation.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     turned = [name for name, rows in results.items()
@@ -116,7 +116,7 @@ def main() -> None:
         "hacked: " + (", ".join(f"`{n}`" for n in turned) + " (final gold more than 0.01 below its peak while the "
                       "proxy gain is positive)" if turned else "no arm ends more than 0.01 gold below its peak "
                       "with a positive proxy gain") + ".", "", table(args.arms, results, COLUMNS), "",
-        f"![over-optimisation]({figure.relative_to(ROOT)})"])
+        f"![over-optimisation]({shown(figure)})"])
     print(text)
     if not args.no_write:
         update_section("overoptimisation", text)

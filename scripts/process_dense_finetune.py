@@ -26,7 +26,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, add_run_arguments, finished, mean_std, read_jsonl, run_all
+from runs import Arm, add_run_arguments, figures_dir, finished, mean_std, read_jsonl, run_all, shown
 
 X0 = "configs/grpo/shapes_small_dense_x0.yaml"
 ARMS = {"outcome": ("configs/grpo/shapes_small.yaml", []), "prime": ("configs/grpo/shapes_small_prime.yaml", []),
@@ -164,7 +164,7 @@ def main() -> None:
     totals = [c[-1]["queries"] for name in names for c in curves[name]]
     per_epoch = {c[1]["queries"] for name in names for c in curves[name] if len(c) > 1}
     budgets = sorted(b for b in per_epoch | {min(totals)} if b <= max(totals))  # an epoch of each; the cheapest run
-    plot = figure(names, curves, FIGURES / "process_dense_finetune.png")
+    plot = figure(names, curves, figures_dir(args) / "process_dense_finetune.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     common = (f"Seeds {args.seeds}; GRPO on shapes-tiny against the proxy shapes_preference for the epochs shown "
@@ -179,7 +179,7 @@ def main() -> None:
               "prediction, mean over the epoch's 36 rollouts (it moves with the epoch's prompt draw).")
     efficiency = "\n".join([header(command_line()), common, "",
                             efficiency_table(names, curves, budgets), "",
-                            f"![gold and proxy against reward queries]({plot.relative_to(ROOT)}) Seed "
+                            f"![gold and proxy against reward queries]({shown(plot)}) Seed "
                             f"{args.seeds[0]}."])
     hacking = "\n".join([header(command_line()), common, "", hacking_table(names, curves)])
     print(efficiency, "\n", hacking)

@@ -23,7 +23,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import FIGURES, ROOT, Arm, add_run_arguments, final_scores, read_jsonl, run_all, table
+from runs import ROOT, Arm, add_run_arguments, figures_dir, final_scores, read_jsonl, run_all, shown, table
 
 PRDP_SMALL, DDPO_SMALL = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 PRDP_LARGE, DDPO_LARGE = "configs/prdp/shapes_large.yaml", "configs/ddpo/shapes_large.yaml"
@@ -86,7 +86,7 @@ def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, st
     return out
 
 
-def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int]) -> Path:
+def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int], figures: Path) -> Path:
     """Training reward (per epoch) and evaluated gold (per checkpoint), mean over seeds, one line per arm."""
     import matplotlib
 
@@ -113,7 +113,7 @@ def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int]) -> Path
     axes[0].legend(fontsize=8)
     fig.suptitle(f"claim {claim}: mean over seeds {seeds}")
     fig.tight_layout()
-    path = FIGURES / f"reproduce_prdp_claim{claim}.png"
+    path = figures / f"reproduce_prdp_claim{claim}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -138,9 +138,9 @@ def main() -> None:
              "combinations never rendered for training), one image each; mean ± std over seeds. Every run: "
              f"{'the preset' if args.epochs is None else f'{args.epochs} epochs'} of N=6 prompts x B=6 images.\n"]
     for claim, arms in plan.items():
-        figure = plot_claim(claim, arms, args.out, args.seeds)
+        figure = plot_claim(claim, arms, args.out, args.seeds, figures_dir(args))
         parts.append(f"**Claim {claim}.** {found.get(claim, '')}\n\n{table([a.name for a in arms], results)}\n\n"
-                     f"![claim {claim}]({figure.relative_to(ROOT)})\n")
+                     f"![claim {claim}]({shown(figure)})\n")
     text = "\n".join(parts)
     print(text)
     if not args.no_write:

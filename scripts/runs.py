@@ -43,6 +43,17 @@ def add_run_arguments(parser, out: str, seeds: list[int], threads: int) -> None:
     parser.add_argument("--no-write", action="store_true", help="print the table, leave BENCHMARKS.md alone")
 
 
+def figures_dir(args) -> Path:
+    """Where a script's figures go: docs/figures, or the run folder ``--out`` under ``--no-write`` (a trial run
+    leaves the committed figures alone)."""
+    return args.out if args.no_write else FIGURES
+
+
+def shown(path: Path) -> str:
+    """``path`` as a Markdown link target: relative to the repository when inside it."""
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

@@ -83,3 +83,14 @@ def test_prune_finetune_contrasts_pair_by_seed_and_reuse_the_one_base_evaluation
     teacher = lines["| (b) what the finetuned teacher adds to structured pruning"]
     assert "| 2 |" in teacher and "+0.025 ± 0.007" in teacher
     assert not any("PRDP's gain on the pruned model" in line for line in lines)  # structured -> PRDP not run
+
+
+def test_a_trial_run_keeps_its_figures_out_of_docs(tmp_path):
+    from argparse import Namespace
+
+    from runs import FIGURES, ROOT, figures_dir, shown
+
+    assert figures_dir(Namespace(out=tmp_path, no_write=True)) == tmp_path
+    assert figures_dir(Namespace(out=tmp_path, no_write=False)) == FIGURES
+    assert shown(FIGURES / "a.png") == "docs/figures/a.png"
+    assert shown(tmp_path / "a.png") == str(tmp_path / "a.png") and not (tmp_path / "a.png").is_relative_to(ROOT)

@@ -7,8 +7,10 @@ The shapes world has what no real setting has: the gold reward behind the learne
 Drift is each run's summed approximate KL, ``sum over gradient steps of approx_kl``, where ``approx_kl =
 0.5 * mean((log p - log p_old)^2)`` per step and latent dimension: a path length of the policy's movement (the
 same x axis as every run folder's kl_curve.png), not the KL to the base model itself. Writes
-docs/figures/overoptimisation.png and a table into BENCHMARKS.md (section ``overoptimisation``). Runs live in
-``--out`` (default ``outputs/overoptimisation``), resume and are reused (scripts/runs.py).
+docs/figures/SECTION.png and a table into BENCHMARKS.md (``--section``, default ``overoptimisation``). Runs live in
+``--out`` (default ``outputs/overoptimisation``) as ``ARM/seedS``, resume and are reused (scripts/runs.py): a run
+of the same preset and overrides made by another script can be linked in (e.g. ``prdp`` -> reproduce_prdp.py's
+``prdp_small``, ``oracle`` -> its ``oracle_small``).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ ARMS = {a.name: a for a in [
     Arm("ddpo-lr2e-3", DDPO, ["train.optim.lr=2e-3"]),
     Arm("ddpo-lr5e-3", DDPO, ["train.optim.lr=5e-3"]),
     Arm("ddpo-clip0.1", DDPO, ["train.ddpo.clip_range=0.1"]),
+    Arm("oracle", PRDP, ["train.reward=shapes_gold:40"]),  # the positive control: PRDP trained on gold itself
 ]}
 COLUMNS = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
@@ -70,7 +73,7 @@ def plot(runs: dict[str, list[Path]], path: Path) -> Path:
               ("heldout", "proxy", "proxy gain, held-out prompts"), ("heldout", "gold", "gold gain, held-out prompts")]
     for name, folders in runs.items():
         cs = [curves(f) for f in folders]
-        style = "-" if name.startswith("prdp") else "--"
+        style = {"prdp": "-", "ddpo": "--"}.get(name.split("-")[0], ":")
         for ax, (where, what, title) in zip(axes.flat, panels):
             x_key = "eval_kl" if where == "eval" else "epoch_kl"
             n = min(len(c[x_key]) for c in cs)
@@ -97,11 +100,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     add_run_arguments(parser, "overoptimisation", [0], 2)
+    parser.add_argument("--section", default="overoptimisation", help="BENCHMARKS.md section and figure name")
     args = parser.parse_args()
     plan = [ARMS[name] for name in args.arms]
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [with_peak(final_scores(f), curves(f)) for f in folders] for name, folders in runs.items()}
-    figure = plot(runs, figures_dir(args) / "overoptimisation.png")
+    figure = plot(runs, figures_dir(args) / f"{args.section}.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     turned = [name for name, rows in results.items()
@@ -119,7 +123,7 @@ def main() -> None:
         f"![over-optimisation]({shown(figure)})"])
     print(text)
     if not args.no_write:
-        update_section("overoptimisation", text)
+        update_section(args.section, text)
 
 
 if __name__ == "__main__":

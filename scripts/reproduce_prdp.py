@@ -1,6 +1,7 @@
 """Reproduce PRDP's claims in the shapes world; writes a table and curves into BENCHMARKS.md / docs/figures.
 
     python scripts/reproduce_prdp.py [--seeds 0 1 2] [--claims 1 2 3 4] [--workers 2] [--epochs N]
+    python scripts/reproduce_prdp.py --epochs 120 --out build/reproduce10x --section reproduce-prdp-10x --existing
 
 Every run is ``rewardtune finetune PRESET train.seed=S ...`` in its own process under ``--out`` (default
 ``outputs/reproduce``); a finished run (``summary.json`` present) is reused and an interrupted one resumes
@@ -14,7 +15,9 @@ Claims (PRDP, Deng et al. CVPR 2024):
 4. beta trades proxy reward against gold and held-out reward (reward hacking, Sec. 4.4).
 
 Scores are the fixed evaluation of each run (``eval.jsonl``: the preset's evaluation prompts x seeds, and its
-held-out prompts), before (epoch 0) and after the last epoch; mean +- std over seeds.
+held-out prompts), before (epoch 0) and after the last epoch; mean +- std over seeds, and per claim the difference
+of its two deciding arms paired by seed (mean +- sd, two-sided paired t-test). ``--existing`` tabulates the claims
+whose runs have all finished and starts none (a long study written part by part).
 """
 
 from __future__ import annotations
@@ -23,7 +26,19 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import ROOT, Arm, add_run_arguments, figures_dir, final_scores, read_jsonl, run_all, shown, table
+from runs import (
+    ROOT,
+    Arm,
+    add_run_arguments,
+    figures_dir,
+    final_scores,
+    finished,
+    paired_difference,
+    read_jsonl,
+    run_all,
+    shown,
+    table,
+)
 
 PRDP_SMALL, DDPO_SMALL = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 PRDP_LARGE, DDPO_LARGE = "configs/prdp/shapes_large.yaml", "configs/ddpo/shapes_large.yaml"
@@ -46,6 +61,26 @@ def beta_arm(beta: float) -> Arm:
     if beta == load_preset(ROOT / PRDP_SMALL, ROOT / "configs").train.prdp.beta:
         return Arm("prdp_small", PRDP_SMALL)
     return Arm(f"prdp_small_beta{beta:g}", PRDP_SMALL, [f"train.prdp.beta={beta}"])
+
+
+def deciding_pair(claim: int, betas: list[float]) -> tuple[str, str, list[tuple[str, str]]]:
+    """The two arms whose seed-paired difference decides ``claim`` (A - B) and the columns it is taken on."""
+    gold, held, proxy = ("d_eval_gold", "Δ gold (eval)"), ("d_heldout_gold", "Δ gold (held-out)"), \
+        ("d_eval_reward", "Δ proxy (eval)")
+    return {1: ("prdp_small", "ddpo_small", [proxy, gold, held]),
+            2: ("prdp_large", "ddpo_large", [gold, held]),
+            3: ("prdp_small", "prdp_small_noclip", [gold, ("min_gold", "worst Δ gold")]),
+            4: (beta_arm(min(betas)).name, beta_arm(max(betas)).name, [proxy, held])}[claim]
+
+
+def paired_line(claim: int, betas: list[float], results: dict[str, list[dict]]) -> str:
+    """``A − B, paired by seed: column mean ± sd (p = ..); ...`` for the claim's deciding arms."""
+    a, b, columns = deciding_pair(claim, betas)
+    if a not in results or b not in results:
+        return ""
+    cells = [f"{label} {paired_difference([r[k] for r in results[a]], [r[k] for r in results[b]])}"
+             for k, label in columns]
+    return f"{a} − {b}, paired by seed: " + "; ".join(cells) + "."
 
 
 def mean(values: list[float]) -> float:
@@ -86,7 +121,7 @@ def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, st
     return out
 
 
-def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int], figures: Path) -> Path:
+def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int], path: Path) -> Path:
     """Training reward (per epoch) and evaluated gold (per checkpoint), mean over seeds, one line per arm."""
     import matplotlib
 
@@ -113,7 +148,6 @@ def plot_claim(claim: int, arms: list[Arm], out: Path, seeds: list[int], figures
     axes[0].legend(fontsize=8)
     fig.suptitle(f"claim {claim}: mean over seeds {seeds}")
     fig.tight_layout()
-    path = figures / f"reproduce_prdp_claim{claim}.png"
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
@@ -124,8 +158,14 @@ def main() -> None:
     add_run_arguments(parser, "reproduce", [0, 1, 2], 1)
     parser.add_argument("--claims", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 10.0, 100.0])
+    parser.add_argument("--section", default="reproduce-prdp", help="BENCHMARKS.md section (and figure names)")
+    parser.add_argument("--existing", action="store_true", help="only the claims whose runs all finished; start none")
     args = parser.parse_args()
     plan = {c: arms for c, arms in claims(args.betas).items() if c in args.claims}
+    if args.existing:
+        plan = {c: arms for c, arms in plan.items() if finished(arms, args.seeds, args.out, args.epochs) == arms}
+        if not plan:
+            raise SystemExit(f"no claim of {args.claims} has all its runs finished under {args.out}")
     unique = {arm.name: arm for arms in plan.values() for arm in arms}
     runs = run_all(list(unique.values()), args.seeds, args.out, args.epochs, args.workers, args.threads)
     results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
@@ -138,13 +178,15 @@ def main() -> None:
              "combinations never rendered for training), one image each; mean ± std over seeds. Every run: "
              f"{'the preset' if args.epochs is None else f'{args.epochs} epochs'} of N=6 prompts x B=6 images.\n"]
     for claim, arms in plan.items():
-        figure = plot_claim(claim, arms, args.out, args.seeds, figures_dir(args))
-        parts.append(f"**Claim {claim}.** {found.get(claim, '')}\n\n{table([a.name for a in arms], results)}\n\n"
+        name = f"{args.section.replace('-', '_')}_claim{claim}.png"
+        figure = plot_claim(claim, arms, args.out, args.seeds, figures_dir(args) / name)
+        parts.append(f"**Claim {claim}.** {found.get(claim, '')} {paired_line(claim, args.betas, results)}\n\n"
+                     f"{table([a.name for a in arms], results)}\n\n"
                      f"![claim {claim}]({shown(figure)})\n")
     text = "\n".join(parts)
     print(text)
     if not args.no_write:
-        update_section("reproduce-prdp", text)
+        update_section(args.section, text)
 
 
 if __name__ == "__main__":

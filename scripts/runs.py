@@ -80,9 +80,10 @@ def run_arm(arm: Arm, seed: int, out: Path, epochs: int | None = None, threads: 
     return folder
 
 
-def finished(arms: list[Arm], seeds: list[int], out: Path) -> list[Arm]:
-    """The arms whose runs of every seed have finished (``summary.json``): what ``--existing`` tabulates."""
-    return [arm for arm in arms if all((out / arm.name / f"seed{s}" / "summary.json").is_file() for s in seeds)]
+def finished(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = None) -> list[Arm]:
+    """The arms whose runs of every seed have finished (``summary.json``; with ``epochs``, at that many epochs):
+    what ``--existing`` tabulates."""
+    return [arm for arm in arms if all(_finished(out / arm.name / f"seed{s}", epochs) for s in seeds)]
 
 
 def run_all(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = None, workers: int = 1,

@@ -94,3 +94,14 @@ def test_a_trial_run_keeps_its_figures_out_of_docs(tmp_path):
     assert figures_dir(Namespace(out=tmp_path, no_write=False)) == FIGURES
     assert shown(FIGURES / "a.png") == "docs/figures/a.png"
     assert shown(tmp_path / "a.png") == str(tmp_path / "a.png") and not (tmp_path / "a.png").is_relative_to(ROOT)
+
+
+def test_each_claim_is_decided_by_a_seed_paired_difference():
+    from reproduce_prdp import deciding_pair, paired_line
+
+    rows = lambda *gold: [{"d_eval_reward": 0.0, "d_eval_gold": g, "d_heldout_gold": 0.0} for g in gold]  # noqa: E731
+    line = paired_line(1, [1.0, 100.0], {"prdp_small": rows(0.5, 0.9, 0.2), "ddpo_small": rows(0.0, 0.1, 0.1)})
+    assert line.startswith("prdp_small − ddpo_small, paired by seed: ")
+    assert "Δ gold (eval) " + paired_difference([0.5, 0.9, 0.2], [0.0, 0.1, 0.1]) in line  # +0.467 ± 0.351
+    assert paired_line(2, [1.0], {"prdp_small": rows(0.1)}) == ""  # its arms did not run
+    assert deciding_pair(4, [10.0, 1.0, 100.0])[:2] == ("prdp_small", "prdp_small_beta100")  # beta 1 is the preset

@@ -31,6 +31,9 @@ CONTROLS = {
     "proxy": [],
     "taste": ["train.reward=shapes_taste:40"],
     "noclip": ["train.prdp.clip_range=1e9"],
+    # visible-effect control: JPEG size at the proxy's scale (within-prompt std of base samples 0.053 kB x 25 ~ 1.3,
+    # the proxy's 1.24); DDPO's incompressibility reward turns images textured, which anyone can see
+    "incompressibility": ["train.reward=jpeg_incompressibility:25"],
 }
 # Trainer settings tried while diagnosing, in the order they were tried (each justified by a control's row).
 SETTINGS = {

@@ -41,17 +41,7 @@ from rewardtune.prompts import read_prompts
 from rewardtune.rewards import load_reward
 from rewardtune.shapes.captions import parse_prompt
 from rewardtune.shapes.oracle import images_from_uint8
-from rewardtune.shapes.world import (
-    ATTRIBUTES,
-    BACKGROUNDS,
-    COLORS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Scene,
-    render,
-    sample_scenes,
-)
+from rewardtune.shapes.world import ATTRIBUTES, CHOICES, Scene, render, sample_scenes
 from rewardtune.utils.benchmarks import command_line, header, update_section
 from rewardtune.utils.images import make_grid, save_png
 
@@ -89,8 +79,6 @@ def ground_truth(prompts: list[str], per_prompt: int) -> torch.Tensor:
     return torch.stack(images)
 
 
-CHOICES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
-           "background": tuple(BACKGROUNDS)}
 CRISPEST = 0.3  # the world's crispest edge (Scene.softness: 0.3 crisp .. 2.0 blurry)
 
 

@@ -27,14 +27,12 @@ from rewardtune.prompts import read_prompts
 from rewardtune.rewards.shapes import ASSETS, PreferenceHead, embed_pair, load_tiny_clip
 from rewardtune.shapes.captions import parse_prompt
 from rewardtune.shapes.oracle import gold_scores, images_from_uint8
-from rewardtune.shapes.world import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Scene, render
+from rewardtune.shapes.world import CHOICES, Scene, render
 from rewardtune.utils.benchmarks import command_line, header, update_section
 from rewardtune.utils.plots import plot_curves
 
 log = logging.getLogger("train_shapes_rewards")
 FIGURES = Path(__file__).resolve().parents[1] / "docs" / "figures"
-CHOICES = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES), "position": POSITIONS,
-           "background": tuple(BACKGROUNDS)}
 
 
 def candidate_scene(asked: dict[str, str], rng: np.random.Generator) -> Scene:

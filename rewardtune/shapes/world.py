@@ -36,6 +36,8 @@ COLUMNS: dict[str, float] = {"left": 8.5, "center": 16.0, "right": 23.5}
 POSITIONS: tuple[str, ...] = tuple(f"{r} {c}" for r in ROWS for c in COLUMNS)  # e.g. "top left", "middle center"
 
 ATTRIBUTES = ("color", "shape", "size", "position", "background")
+CHOICES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": tuple(SIZES),
+                                       "position": POSITIONS, "background": tuple(BACKGROUNDS)}  # per attribute
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,7 @@ def sample_scenes(n: int, seed: int, split: str = "train") -> list[Scene]:
     rng = np.random.default_rng(seed)
     scenes: list[Scene] = []
     while len(scenes) < n:
-        combo = (
-            _pick(rng, tuple(COLORS)), _pick(rng, SHAPES), _pick(rng, tuple(SIZES)),
-            _pick(rng, POSITIONS), _pick(rng, tuple(BACKGROUNDS)),
-        )
+        combo = tuple(_pick(rng, CHOICES[a]) for a in ATTRIBUTES)
         if split != "any" and is_heldout_combo(combo) != (split == "heldout"):
             continue
         scenes.append(Scene(

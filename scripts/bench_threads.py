@@ -42,7 +42,16 @@ SETTINGS: dict[str, tuple[dict[str, str], str]] = {
     "omp2-passive": ({"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
                      "OMP_NUM_THREADS=2 OMP_WAIT_POLICY=PASSIVE"),
     "omp2-spin10k": ({"OMP_NUM_THREADS": "2", "GOMP_SPINCOUNT": "10000"}, "OMP_NUM_THREADS=2 GOMP_SPINCOUNT=10000"),
+    "spin3k": ({"GOMP_SPINCOUNT": "3000"}, "GOMP_SPINCOUNT=3000"),
+    "spin30k": ({"GOMP_SPINCOUNT": "30000"}, "GOMP_SPINCOUNT=30000"),
+    "spin100k": ({"GOMP_SPINCOUNT": "100000"}, "GOMP_SPINCOUNT=100000"),
     "omp2-active": ({"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "ACTIVE"}, "OMP_NUM_THREADS=2 OMP_WAIT_POLICY=ACTIVE"),
+    # more threads than cores: under a busy neighbour the scheduler shares cores per thread, so 3 or 4 threads win a
+    # larger share of the two cores (2/3 -> 3/4, 4/5) at the price of oversubscription when the machine is quiet
+    "omp3-passive": ({"OMP_NUM_THREADS": "3", "OMP_WAIT_POLICY": "PASSIVE"},
+                     "OMP_NUM_THREADS=3 OMP_WAIT_POLICY=PASSIVE"),
+    "omp4-passive": ({"OMP_NUM_THREADS": "4", "OMP_WAIT_POLICY": "PASSIVE"},
+                     "OMP_NUM_THREADS=4 OMP_WAIT_POLICY=PASSIVE"),
     "old-default": ({"GOMP_SPINCOUNT": "300000"},
                     "GOMP_SPINCOUNT=300000 (libgomp's spin when OMP_WAIT_POLICY is unset: the old default)"),
 }

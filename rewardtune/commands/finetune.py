@@ -22,8 +22,9 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = load_job_config(SCHEMA, args)  # a bad key fails at once, before torch loads
     # Before torch loads its OpenMP runtime (GNU libgomp, which reads this once): idle threads sleep instead of
-    # spinning, so a busy neighbour on one core costs ~1.6x instead of ~3.6x per epoch (~5 % quiet;
-    # BENCHMARKS.md "threads"). Setting OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself overrides it.
+    # spinning, so a busy neighbour on one core costs 1.36x per epoch instead of 8.4x, at ~25 % of the quiet
+    # epoch (BENCHMARKS.md "threads-default"; GOMP_SPINCOUNT=3000 is the faster choice on a machine known to be
+    # quiet). Setting OMP_WAIT_POLICY or GOMP_SPINCOUNT yourself overrides it.
     if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
         os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 

@@ -17,6 +17,7 @@ import argparse
 
 from controls import grid_figure
 from runs import (
+    ORACLE,
     Arm,
     add_run_arguments,
     figures_dir,
@@ -30,7 +31,7 @@ from runs import (
 
 MODELS = {"tiny": "shapes_small", "flow": "shapes_flow_small"}
 ARMS = {"prdp": ("prdp", []), "grpo": ("grpo", []), "ddpo": ("ddpo", []),
-        "oracle": ("prdp", ["train.reward=shapes_gold:40"])}
+        "oracle": ("prdp", [ORACLE])}
 COLUMNS = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold during run"), ("kl", "summed KL", ".3g")]

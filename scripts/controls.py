@@ -23,11 +23,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from runs import ROOT, Arm, add_run_arguments, figures_dir, final_scores, finished, run_all, shown, table
+from runs import ORACLE, ROOT, Arm, add_run_arguments, figures_dir, final_scores, finished, run_all, shown, table
 
 PRESET = "configs/prdp/shapes_small.yaml"
 CONTROLS = {
-    "oracle": ["train.reward=shapes_gold:40"],
+    "oracle": [ORACLE],
     "proxy": [],
     "taste": ["train.reward=shapes_taste:40"],
     "noclip": ["train.prdp.clip_range=1e9"],

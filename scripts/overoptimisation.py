@@ -19,7 +19,7 @@ import argparse
 import statistics
 from pathlib import Path
 
-from runs import Arm, add_run_arguments, figures_dir, final_scores, read_jsonl, run_all, shown, table
+from runs import ORACLE, Arm, add_run_arguments, figures_dir, final_scores, read_jsonl, run_all, shown, table
 
 from rewardtune.finetune.report import summed_kl
 
@@ -34,7 +34,7 @@ ARMS = {a.name: a for a in [
     Arm("ddpo-lr2e-3", DDPO, ["train.optim.lr=2e-3"]),
     Arm("ddpo-lr5e-3", DDPO, ["train.optim.lr=5e-3"]),
     Arm("ddpo-clip0.1", DDPO, ["train.ddpo.clip_range=0.1"]),
-    Arm("oracle", PRDP, ["train.reward=shapes_gold:40"]),  # the positive control: PRDP trained on gold itself
+    Arm("oracle", PRDP, [ORACLE]),  # the positive control: PRDP trained on gold itself
 ]}
 COLUMNS = [("d_eval_reward", "Δ proxy (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),
            ("d_heldout_reward", "Δ proxy (held-out)"), ("d_heldout_gold", "Δ gold (held-out)"),

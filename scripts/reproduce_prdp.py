@@ -27,6 +27,7 @@ import statistics
 from pathlib import Path
 
 from runs import (
+    ORACLE,
     ROOT,
     Arm,
     add_run_arguments,
@@ -42,7 +43,6 @@ from runs import (
 
 PRDP_SMALL, DDPO_SMALL = "configs/prdp/shapes_small.yaml", "configs/ddpo/shapes_small.yaml"
 PRDP_LARGE, DDPO_LARGE = "configs/prdp/shapes_large.yaml", "configs/ddpo/shapes_large.yaml"
-ORACLE = "train.reward=shapes_gold:40"  # the positive control: gold itself, at the proxy's scale (scripts/controls.py)
 
 
 def claims(betas: list[float]) -> dict[int, list[Arm]]:

@@ -22,6 +22,9 @@ from rewardtune.finetune.report import summed_kl
 
 ROOT = Path(__file__).resolve().parents[1]
 FIGURES = ROOT / "docs" / "figures"
+# the positive control of every finetuning study: the gold reward itself as the training reward, at the proxy's
+# scale (scripts/controls.py)
+ORACLE = "train.reward=shapes_gold:40"
 
 
 @dataclass

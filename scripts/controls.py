@@ -49,6 +49,10 @@ SETTINGS = {
     "lora8-lr5e-4-g1": ["lora_rank=8", "train.optim.lr=5e-4", "train.groups_per_update=1"],
     # train on the 8 evaluation prompts only: ~4.5 samples per prompt and epoch instead of 1
     "lora8-lr5e-4-eval8": ["lora_rank=8", "train.optim.lr=5e-4", "prompts_file=null", "prompts=EVAL"],
+    # the samples of a prompt share x_T: reward differences only from the steps the loss credits (noise-share)
+    "lora8-lr5e-4-same": ["lora_rank=8", "train.optim.lr=5e-4", "train.sampling.same_latent=true"],
+    # every denoising step trained in each pass instead of a random half (twice the update's cost)
+    "lora8-lr5e-4-tf1": ["lora_rank=8", "train.optim.lr=5e-4", "train.timestep_fraction=1.0"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL", ".3g")]

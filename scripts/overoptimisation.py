@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     add_run_arguments(parser, "overoptimisation", [0], 2)
     parser.add_argument("--section", default="overoptimisation", help="BENCHMARKS.md section and figure name")
+    parser.add_argument("--note", default="", help="a paragraph put above the table")
     args = parser.parse_args()
     plan = [ARMS[name] for name in args.arms]
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
@@ -108,18 +109,22 @@ def main() -> None:
     figure = plot(runs, figures_dir(args) / f"{args.section}.png")
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
+    drop = {name: statistics.mean(r["d_eval_gold"] - r["peak_gold"] for r in rows) for name, rows in results.items()}
     turned = [name for name, rows in results.items()
-              if statistics.mean(r["d_eval_gold"] - r["peak_gold"] for r in rows) < -0.01
-              and statistics.mean(r["d_eval_reward"] for r in rows) > 0]
+              if drop[name] < -0.01 and statistics.mean(r["d_eval_reward"] for r in rows) > 0]
+    oracle = ("" if "oracle" not in drop else
+              f" The peak is the best of the run's evaluations, so it sits above the final value by evaluation jitter "
+              f"alone; the oracle, trained on gold itself, ends {drop['oracle']:+.3f} from its peak: a fall of that "
+              "size is not evidence of hacking.")
     text = "\n".join([
-        header(command_line()),
+        header(command_line().replace(args.note, "TEXT") if args.note else command_line()), args.note, "",
         f"Seeds {args.seeds}; every arm is its preset plus: "
         + "; ".join(f"`{a.name}` {' '.join(a.overrides) or '(as shipped)'}" for a in plan) + ". Δ = after the last "
         "epoch minus before; peak = the best evaluated gold gain on the evaluation prompts during the run and the "
         "summed KL where it happened. Where the proxy keeps rising while gold turns down, the proxy is being "
         "hacked: " + (", ".join(f"`{n}`" for n in turned) + " (final gold more than 0.01 below its peak while the "
                       "proxy gain is positive)" if turned else "no arm ends more than 0.01 gold below its peak "
-                      "with a positive proxy gain") + ".", "", table(args.arms, results, COLUMNS), "",
+                      "with a positive proxy gain") + "." + oracle, "", table(args.arms, results, COLUMNS), "",
         f"![over-optimisation]({shown(figure)})"])
     print(text)
     if not args.no_write:

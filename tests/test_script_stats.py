@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from runs import paired_difference, student_t_p_value  # noqa: E402
@@ -105,3 +106,20 @@ def test_each_claim_is_decided_by_a_seed_paired_difference():
     assert "Δ gold (eval) " + paired_difference([0.5, 0.9, 0.2], [0.0, 0.1, 0.1]) in line  # +0.467 ± 0.351
     assert paired_line(2, [1.0], {"prdp_small": rows(0.1)}) == ""  # its arms did not run
     assert deciding_pair(4, [10.0, 1.0, 100.0])[:2] == ("prdp_small", "prdp_small_beta100")  # beta 1 is the preset
+
+
+def test_noise_share_splits_the_variance_by_hand():
+    from noise_share import variance_split
+
+    # one prompt, M = 2 initial latents x K = 2 continuations: rows [1, 3] and [5, 5]
+    r = torch.tensor([[[1.0, 3.0], [5.0, 5.0]]])
+    split = variance_split(r)
+    # total: mean 3.5, squared deviations 6.25 + 0.25 + 2.25 + 2.25 = 11 -> 2.75
+    # between: row means 2 and 5 -> population variance 2.25; within: variances 1 and 0 -> mean 0.5
+    assert split["total"].item() == pytest.approx(2.75)
+    assert split["between"].item() == pytest.approx(2.25)
+    assert split["within"].item() == pytest.approx(0.5)
+    assert (split["between"] + split["within"]).item() == pytest.approx(split["total"].item())
+    # best of each row's continuations minus its mean: (3 - 2 + 5 - 5) / 2; best first continuation: 5 - 3
+    assert split["room_steps"].item() == pytest.approx(0.5)
+    assert split["room_noises"].item() == pytest.approx(2.0)

@@ -207,6 +207,14 @@ def report(args: argparse.Namespace, settings: SamplerSettings, sets: dict[str, 
         f"gold, the best-of-{n} by gold, the ground-truth render with median gold.\n")
 
 
+def preset_sampler(config: dict, **options) -> SamplerSettings:
+    """The sampler of a finetuning preset (``config``, its YAML as a dict): its ``train.sampling`` steps, guidance
+    and eta, 64 samples per call, plus ``options``."""
+    sampling = config.get("train", {}).get("sampling", {})
+    return SamplerSettings(steps=int(sampling.get("steps", 10)), guidance=float(sampling.get("guidance", 5.0)),
+                           eta=float(sampling.get("eta", 1.0)), batch_size=64, **options)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "prdp" / "shapes_small.yaml")
@@ -221,9 +229,7 @@ def main() -> None:
     args = parser.parse_args()
 
     config = read_yaml(args.config)
-    sampling = config.get("train", {}).get("sampling", {})
-    settings = SamplerSettings(steps=int(sampling.get("steps", 10)), guidance=float(sampling.get("guidance", 5.0)),
-                               eta=float(sampling.get("eta", 1.0)), batch_size=64)
+    settings = preset_sampler(config)
     heldout = read_prompts("shapes_heldout")
     sets = {"evaluation prompts": list(config["eval_prompts"]),
             "held-out prompts": heldout[: args.heldout] if args.heldout_first else spread(heldout, args.heldout)}

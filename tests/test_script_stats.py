@@ -123,3 +123,31 @@ def test_noise_share_splits_the_variance_by_hand():
     # best of each row's continuations minus its mean: (3 - 2 + 5 - 5) / 2; best first continuation: 5 - 3
     assert split["room_steps"].item() == pytest.approx(0.5)
     assert split["room_noises"].item() == pytest.approx(2.0)
+
+
+def test_gradient_snr_by_hand():
+    from gradient_snr import group_centred, snr
+
+    centred = group_centred(torch.tensor([1.0, 3.0, 10.0, 20.0, 30.0]), torch.tensor([0, 0, 1, 1, 1]))
+    assert torch.allclose(centred, torch.tensor([-1.0, 1.0, -10.0, 0.0, 10.0]))
+    # 2 batches x 1 step x 2 weights: g = (1, 0) and (3, 2); mean (2, 1)
+    grads = torch.tensor([[[1.0, 0.0]], [[3.0, 2.0]]])
+    stats = snr(grads)
+    # noise: (||(-1,-1)||^2 + ||(1,1)||^2) / (2 - 1) = 4; signal: ||(2,1)||^2 - 4 / 2 = 3
+    assert stats["noise"].item() == pytest.approx(4.0)
+    assert stats["signal"].item() == pytest.approx(3.0)
+    assert stats["snr"].item() == pytest.approx(0.75)
+    assert stats["norm"].item() == pytest.approx((1.0 + 13 ** 0.5) / 2)
+
+
+def test_gradient_snr_signal_is_unbiased_for_pure_noise():
+    from gradient_snr import snr
+
+    torch.manual_seed(0)
+    # 4 batches x 1000 steps x 3 weights of zero-mean, unit-variance gradients: ||mean||^2 is 3/4 on average, the
+    # unbiased signal 0 (sd of its mean over the steps ~0.02); the noise is 3 (the summed variance)
+    grads = torch.randn(4, 1000, 3)
+    stats = snr(grads)
+    assert grads.mean(0).pow(2).sum(-1).mean().item() == pytest.approx(0.75, abs=0.1)
+    assert abs(stats["signal"].mean().item()) < 0.1
+    assert stats["noise"].mean().item() == pytest.approx(3.0, abs=0.2)

@@ -298,3 +298,21 @@ def test_summed_kl_accumulates_approx_kl_times_steps():
                {"approx_kl": 0.25, "steps": 4}]
     assert summed_kl(records) == [1.0, 1.0, 1.0, 2.0]  # 0.5*2, +0 (None), +0 (missing), +0.25*4
     assert summed_kl([]) == []
+
+
+def test_evaluation_draws_each_seed_independently_even_when_training_shares_x_T(tiny_pipe, tmp_path):
+    """same_latent groups a prompt's training samples on one x_T; the evaluation grid's seeds stay separate draws."""
+    from rewardtune.finetune.config import SamplingConfig
+    from rewardtune.finetune.report import EvalSet, Scorers, evaluate
+
+    def brightness(images, prompts):
+        return images.mean(dim=(1, 2, 3))
+
+    evals = EvalSet(["a red circle"], [0, 1, 2])
+    records = {}
+    for shared in (False, True):
+        sampling = SamplingConfig(steps=3, eta=1.0, guidance=1.0, batch_size=8, same_latent=shared)
+        records[shared] = evaluate(tiny_pipe, Scorers(brightness), evals, [], sampling, tmp_path / str(shared), 0)
+    assert records[True]["eval_reward"] == records[False]["eval_reward"]
+    grids = [(tmp_path / str(shared) / "grids" / "epoch_0000.png").read_bytes() for shared in (False, True)]
+    assert grids[0] == grids[1]

@@ -4,6 +4,7 @@ closing before -> after comparison (``summary.json``, ``before_after.png``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -52,6 +53,8 @@ def evaluate(pipe, scorers: Scorers, evals: EvalSet, heldout: list[str], samplin
     """
     prompts = [p for p in evals.prompts for _ in evals.seeds]
     seeds = [s for _ in evals.prompts for s in evals.seeds]
+    # independent draws: the training-time shared x_T (same_latent) would make a prompt's seeds one draw
+    sampling = dataclasses.replace(sampling, same_latent=False)
     images = generate(pipe, evals.prompts, seeds, sampling, per_prompt=len(evals.seeds)).images
     if not write:
         if heldout and heldout_scores is None:

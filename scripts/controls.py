@@ -68,11 +68,20 @@ def arms(settings: list[str], controls: list[str], preset: str) -> list[Arm]:
             for s in settings for c in controls]
 
 
-def grid_figure(names: list[str], out: Path, seed: int, path: Path) -> Path:
-    """Before (epoch 0) and after grids of each run, one row per run, into ``path``."""
+def grid_figure(names: list[str], out: Path, seed: int, path: Path, epoch: int | None = None) -> Path:
+    """Before (epoch 0) and after grids of each run (after its last epoch, or after ``epoch``), one row per run, into
+    ``path``."""
     from PIL import Image, ImageDraw
 
-    rows = [Image.open(out / n / f"seed{seed}" / "before_after.png").convert("RGB") for n in names]
+    from rewardtune.finetune.report import side_by_side
+
+    def row(folder: Path) -> Image.Image:
+        if epoch is None:
+            return Image.open(folder / "before_after.png").convert("RGB")
+        grids = [folder / "grids" / f"epoch_{e:04d}.png" for e in (0, epoch)]
+        return side_by_side(grids, ["before (epoch 0)", f"after (epoch {epoch})"])
+
+    rows = [row(out / n / f"seed{seed}") for n in names]
     rows = [r.resize((r.width // 3, r.height // 3), Image.LANCZOS) for r in rows]  # a readable, small figure
     width, label = max(r.width for r in rows), 16
     canvas = Image.new("RGB", (width, sum(r.height + label for r in rows)), "white")
@@ -95,19 +104,23 @@ def main() -> None:
     parser.add_argument("--section", default="controls")
     parser.add_argument("--note", default="", help="a paragraph put above the table")
     parser.add_argument("--existing", action="store_true", help="only the runs that have finished; start none")
+    parser.add_argument("--at-epoch", type=int, default=None,
+                        help="tabulate every run as it stood after this many (evaluated) epochs, e.g. a 20-epoch "
+                             "budget read from longer runs linked into --out")
     args = parser.parse_args()
     plan = arms(args.settings, args.controls, args.preset)
     if args.existing:  # tabulate what has run, start nothing
         plan = finished(plan, args.seeds, args.out)
     runs = run_all(plan, args.seeds, args.out, args.epochs, args.workers, args.threads)
-    results = {name: [final_scores(folder) for folder in folders] for name, folders in runs.items()}
+    results = {name: [final_scores(folder, args.at_epoch) for folder in folders] for name, folders in runs.items()}
     names = [a.name for a in plan]
-    figure = grid_figure(names, args.out, args.seeds[0], figures_dir(args) / f"{args.section}.png")
+    figure = grid_figure(names, args.out, args.seeds[0], figures_dir(args) / f"{args.section}.png", args.at_epoch)
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
     text = "\n".join([
         header(command_line().replace(args.note, "TEXT") if args.note else command_line()), args.note, "",
-        f"Preset `{args.preset}`; seeds {args.seeds}; Δ = after the last epoch minus before finetuning on the fixed "
+        f"Preset `{args.preset}`; seeds {args.seeds}; Δ = after "
+        + (f"epoch {args.at_epoch}" if args.at_epoch else "the last epoch") + " minus before finetuning on the fixed "
         "evaluation (the preset's 8 evaluation prompts x 4 seeds, and 16 held-out prompts spread over "
         "shapes_heldout, one image each); mean ± std over seeds. Settings: "
         + "; ".join(f"`{s}` = {' '.join(SETTINGS[s]) or 'the preset'}" for s in args.settings)

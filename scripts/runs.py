@@ -107,17 +107,20 @@ def run_all(arms: list[Arm], seeds: list[int], out: Path, epochs: int | None = N
     return runs
 
 
-def final_scores(folder: Path) -> dict[str, float]:
+def final_scores(folder: Path, epoch: int | None = None) -> dict[str, float]:
     """After-minus-before (``d_*``) and after values of the fixed evaluation, the worst evaluated gold, the summed
     approximate KL of the updates (``sum approx_kl * steps``, as each run's ``kl_curve.png``), and the minutes of
-    sampling, scoring and updating (evaluation excluded)."""
-    evals = read_jsonl(folder / "eval.jsonl")
+    sampling, scoring and updating (evaluation excluded). ``epoch``: the run as it stood after that many epochs
+    (an evaluated one; a run's first N epochs do not depend on how many follow)."""
+    evals = [r for r in read_jsonl(folder / "eval.jsonl") if epoch is None or r["epoch"] <= epoch]
+    if epoch is not None and evals[-1]["epoch"] != epoch:
+        raise SystemExit(f"{folder} has no evaluation at epoch {epoch} (last: {evals[-1]['epoch']})")
     first, last = evals[0], evals[-1]
     scores = {f"{k}": last[k] for k in last if k != "epoch"}
     scores.update({f"d_{k}": last[k] - first[k] for k in last if k != "epoch"})
     if "eval_gold" in first:
         scores["min_gold"] = min(r["eval_gold"] for r in evals) - first["eval_gold"]
-    metrics = read_jsonl(folder / "metrics.jsonl")
+    metrics = [r for r in read_jsonl(folder / "metrics.jsonl") if epoch is None or r["epoch"] <= epoch]
     scores["kl"] = summed_kl(metrics)[-1] if metrics else 0.0
     scores["minutes"] = sum(r[f"seconds_{k}"] for r in metrics for k in ("sampling", "reward", "update")) / 60
     return scores

@@ -151,3 +151,21 @@ def test_gradient_snr_signal_is_unbiased_for_pure_noise():
     assert grads.mean(0).pow(2).sum(-1).mean().item() == pytest.approx(0.75, abs=0.1)
     assert abs(stats["signal"].mean().item()) < 0.1
     assert stats["noise"].mean().item() == pytest.approx(3.0, abs=0.2)
+
+
+def test_final_scores_read_a_longer_run_as_it_stood_at_an_epoch(tmp_path):
+    import json
+
+    from runs import final_scores
+
+    evals = [{"epoch": e, "eval_gold": 0.8 + 0.01 * e / 5, "eval_reward": float(e)} for e in (0, 5, 10)]
+    metrics = [{"epoch": e, "approx_kl": 0.5, "steps": 2, "seconds_sampling": 30.0, "seconds_reward": 0.0,
+                "seconds_update": 30.0} for e in range(1, 11)]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in evals))
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    at5, last = final_scores(tmp_path, 5), final_scores(tmp_path)
+    assert at5["d_eval_gold"] == pytest.approx(0.01) and last["d_eval_gold"] == pytest.approx(0.02)
+    assert at5["kl"] == pytest.approx(5 * 0.5 * 2) and last["kl"] == pytest.approx(10 * 0.5 * 2)
+    assert at5["minutes"] == pytest.approx(5.0) and last["minutes"] == pytest.approx(10.0)
+    with pytest.raises(SystemExit, match="no evaluation at epoch 7"):
+        final_scores(tmp_path, 7)

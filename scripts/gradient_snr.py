@@ -149,7 +149,8 @@ def report(grads: torch.Tensor, info: dict, windows: list[tuple[int, int]]) -> s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", nargs="?", type=Path, default=ROOT / "configs" / "prdp" / "shapes_small.yaml")
+    parser.add_argument("config", nargs="?", type=Path, default=ROOT / "configs" / "prdp" / "shapes_small.yaml",
+                        help="a finetuning preset (default: configs/prdp/shapes_small.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the preset")
     parser.add_argument("--batches", type=int, default=8, help="independent epochs of rollouts (>= 2)")
     parser.add_argument("--windows", nargs="+", default=["0:10", "0:8"], help="a:b sums of steps a..b-1 to report")

@@ -160,6 +160,7 @@ def main() -> None:
     parser.add_argument("--betas", type=float, nargs="+", default=[1.0, 10.0, 100.0])
     parser.add_argument("--section", default="reproduce-prdp", help="BENCHMARKS.md section (and figure names)")
     parser.add_argument("--existing", action="store_true", help="only the claims whose runs all finished; start none")
+    parser.add_argument("--note", default="", help="a paragraph put above the claims")
     args = parser.parse_args()
     plan = {c: arms for c, arms in claims(args.betas).items() if c in args.claims}
     if args.existing:
@@ -172,7 +173,9 @@ def main() -> None:
     found = verdicts(results, args.betas)
     from rewardtune.utils.benchmarks import command_line, header, update_section
 
-    parts = [header(command_line()), f"Seeds {args.seeds}; Δ = after the last epoch minus before finetuning, on "
+    parts = [header(command_line().replace(args.note, "TEXT") if args.note else command_line()),
+             *([args.note + "\n"] if args.note else []),
+             f"Seeds {args.seeds}; Δ = after the last epoch minus before finetuning, on "
              "the fixed evaluation: the presets' 8 evaluation prompts x 4 seeds (training prompts of shapes_small; "
              "for the large presets mostly prompts outside their 6,000) and 16 held-out prompts (attribute "
              "combinations never rendered for training), one image each; mean ± std over seeds. Every run: "

@@ -54,7 +54,7 @@ SETTINGS = {
     # steps 8 and 9 (t = 101 -> 1 -> 0) deterministic and untrained: step 8 carries ~90 % of the gradient's noise and
     # no measurable signal (gradient-snr); their eta-1 noise is 0.04 and 0.02, so the samples hardly change
     "lora8-lr5e-4-sde08": ["lora_rank=8", "train.optim.lr=5e-4", "train.sampling.sde_window=[0,8]"],
-    # the same for full finetuning, whose update SNR is ~3x LoRA's (gradient-snr)
+    # the same for full finetuning, whose update SNR is ~4x LoRA's (gradient-snr-full)
     "full-lr5e-5-sde08": ["lora_rank=null", "train.optim.lr=5e-5", "train.sampling.sde_window=[0,8]"],
     # ... which collapses at lr 5e-5: Adam's steps no longer go mostly to step 8's noise; a 5x smaller step
     "full-lr1e-5-sde08": ["lora_rank=null", "train.optim.lr=1e-5", "train.sampling.sde_window=[0,8]"],

@@ -24,6 +24,7 @@ noise is large and signal small drowns the others. Writes the ``gradient-snr`` s
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -53,18 +54,22 @@ def snr(grads: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def score_scale(scheduler, timesteps: list[int], eta: float) -> list[float]:
-    """Per DDIM step, ``|d mean / d eps_hat| / std``: how strongly a change of the predicted noise moves the step's
-    log-probability (the step's score ``(x_{t-1} - mean) / std^2 * d mean`` has size ``|d mean| / std`` per unit
-    of ``eps_hat``). ``mean = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - std^2) eps_hat`` with
-    ``x0_hat = (x_t - sqrt(1 - a_t) eps_hat) / sqrt(a_t)``."""
-    alphas, jump = scheduler.alphas_cumprod.double(), scheduler.config.num_train_timesteps // len(timesteps)
+    """Per step, ``|d mean / d out| / std`` of the project's DDIM step (:func:`ddim_step_with_logprob`, so any
+    prediction type and final alpha): how strongly a change of the model output moves the step's log-probability
+    (its score ``(x_{t-1} - mean) / std^2 * d mean`` has that size per unit of output). Read off the step itself:
+    with ``x_t = 0`` and output 0 the mean is 0, so ``log p(0) = -log std - log sqrt(2 pi)`` gives ``std``, and
+    ``d log p(1) / d out = (d mean / d out) / std^2``. ``scheduler`` must be set to ``len(timesteps)`` steps."""
+    from rewardtune.diffusion.logprob import ddim_step_with_logprob
+
+    zero = torch.zeros(1, 1, 1, 1, dtype=torch.float64)
     out = []
     for t in timesteps:
-        a_t = alphas[t]
-        a_prev = alphas[t - jump] if t - jump >= 0 else torch.tensor(float(scheduler.final_alpha_cumprod)).double()
-        std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-        d_mean = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - std**2).clamp_min(0).sqrt()
-        out.append(float(d_mean.abs() / std))
+        _, at_mean = ddim_step_with_logprob(scheduler, zero, t, zero, eta, prev_sample=zero)
+        std = math.exp(-at_mean.item() - 0.5 * math.log(2 * math.pi))
+        output = zero.clone().requires_grad_(True)
+        _, at_one = ddim_step_with_logprob(scheduler, output, t, zero, eta, prev_sample=torch.ones_like(zero))
+        (slope,) = torch.autograd.grad(at_one.sum(), output)
+        out.append(abs(slope.item()) * std)
     return out
 
 
@@ -125,17 +130,17 @@ def report(grads: torch.Tensor, info: dict, windows: list[tuple[int, int]]) -> s
     for t, ts in enumerate(info["timesteps"]):
         lines.append(f"| {t} | {ts} | {info['scale'][t]:.2f} | {stats['norm'][t]:.3g} | {stats['noise'][t]:.3g} | "
                      f"{stats['signal'][t]:.3g} | {stats['snr'][t]:+.3f} | {noise_share[t]:.1%} |")
-    for a, b in windows:  # the update's gradient when a pass trains steps a..b-1: cross-step terms included
-        summed = snr(grads[:, a:b].sum(1, keepdim=True))
+    # the update's gradient when a pass trains steps a..b-1: cross-step terms included
+    sums = {(a, b): snr(grads[:, a:b].sum(1, keepdim=True)) for a, b in windows}
+    for (a, b), summed in sums.items():
         lines.append(f"| sum of steps {a}..{b - 1} | – | – | {summed['norm'][0]:.3g} | {summed['noise'][0]:.3g} | "
                      f"{summed['signal'][0]:.3g} | {summed['snr'][0]:+.3f} | – |")
     loudest = int(noise_share.argmax())
-    sums = {w: snr(grads[:, w[0]:w[1]].sum(1, keepdim=True))["snr"][0] for w in windows}
     reading = (f"**Reading.** Step {loudest} (t = {info['timesteps'][loudest]}) carries {noise_share[loudest]:.0%} of "
                f"the summed per-step noise (score scale {info['scale'][loudest]:.1f}, against "
                f"{min(info['scale']):.1f}-{sorted(info['scale'])[-2]:.1f} elsewhere) with a signal of "
                f"{stats['snr'][loudest]:+.3f} of its noise; the update's SNR is "
-               + ", ".join(f"{v:+.3f} over steps {a}..{b - 1}" for (a, b), v in sums.items()) + ".")
+               + ", ".join(f"{v['snr'][0]:+.3f} over steps {a}..{b - 1}" for (a, b), v in sums.items()) + ".")
     return header(command_line()) + (
         f"{cfg.model}, LoRA rank {cfg.lora_rank} at its initial value ({info['params']} trainable weights); reward "
         f"`{cfg.train.reward}`; {batches} independent epochs of {cfg.train.prompts_per_epoch} prompts x "

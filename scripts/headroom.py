@@ -135,7 +135,9 @@ def measure(prompts: list[str], pipe, settings: SamplerSettings, n: int, gold, p
 
 
 def fmt(values: torch.Tensor | None, signed: bool = False) -> str:
-    if values is None:
+    """``mean ± std`` (population) over the finite entries of ``values``; "–" for None or none finite."""
+    values = None if values is None else values[values.isfinite()]
+    if values is None or values.numel() == 0:
         return "–"
     sign = "+" if signed else ""
     return f"{values.mean():{sign}.3f} ± {values.std(unbiased=False):.3f}"

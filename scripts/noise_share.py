@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 import torch
-from headroom import preset_sampler
+from headroom import fmt, preset_sampler
 
 from rewardtune.config import read_yaml
 from rewardtune.diffusion import SamplerSettings, generate, load_pipeline
@@ -42,11 +42,14 @@ SCORES = ("gold", "fidelity", "taste", "proxy")
 
 def variance_split(r: torch.Tensor) -> dict[str, torch.Tensor]:
     """``r [P,M,K]`` (prompt, initial noise, continuation) -> per prompt ``[P]``: total, between-x_T and
-    within-x_T population variances (``total = between + within``) and the best-of rooms."""
+    within-x_T population variances (``total = between + within``), their shares of the total (NaN for a prompt
+    whose score never varies) and the best-of rooms."""
     total = r.flatten(1).var(dim=1, unbiased=False)
     between = r.mean(dim=2).var(dim=1, unbiased=False)
     within = r.var(dim=2, unbiased=False).mean(dim=1)
+    varies = torch.where(total > 1e-10, total, float("nan"))
     return {"total": total, "between": between, "within": within,
+            "between_share": between / varies, "within_share": within / varies,
             "room_steps": (r.amax(dim=2) - r.mean(dim=2)).mean(dim=1),
             "room_noises": (r[:, :, 0].amax(dim=1) - r[:, :, 0].mean(dim=1))}
 
@@ -66,22 +69,13 @@ def sample_scores(pipe, prompts: list[str], settings: SamplerSettings, m: int, k
     return {name: v.reshape(len(prompts), m, k) for name, v in scores.items()}
 
 
-def fmt(values: torch.Tensor, signed: bool = False) -> str:
-    """``mean ± std`` over the finite entries (a share is NaN for a prompt whose score never varies)."""
-    values = values[values.isfinite()]
-    if values.numel() == 0:
-        return "–"
-    return f"{values.mean():{'+' if signed else ''}.3f} ± {values.std(unbiased=False):.3f}"
-
-
 def table(name: str, scores: dict[str, torch.Tensor], k: int, m: int) -> str:
     lines = [f"| {name} | total sd | share decided by x_T | share decided by the steps | room: best-of-{k} "
              f"continuations of one x_T | room: best-of-{m} initial latents |", "|---|---|---|---|---|---|"]
     for score in SCORES:
         split = variance_split(scores[score])
-        safe = torch.where(split["total"] > 1e-10, split["total"], float("nan"))  # constant score: no share
-        lines.append(f"| {score} | {fmt(split['total'].sqrt())} | {fmt(split['between'] / safe)} | "
-                     f"{fmt(split['within'] / safe)} | {fmt(split['room_steps'], True)} | "
+        lines.append(f"| {score} | {fmt(split['total'].sqrt())} | {fmt(split['between_share'])} | "
+                     f"{fmt(split['within_share'])} | {fmt(split['room_steps'], True)} | "
                      f"{fmt(split['room_noises'], True)} |")
     return "\n".join(lines) + "\n"
 
@@ -89,7 +83,7 @@ def table(name: str, scores: dict[str, torch.Tensor], k: int, m: int) -> str:
 def reading(gold: torch.Tensor, k: int) -> str:
     """One sentence on what the evaluation prompts' gold split means for the policy-gradient estimators."""
     split = variance_split(gold)
-    steps = float((split["within"] / split["total"]).mean())
+    steps = float(split["within_share"].nanmean())
     verdict = ("so most reward differences between samples are ones the loss can credit to its actions, and the "
                "initial noise is not what keeps the trainer from the room" if steps >= 0.5 else
                "so most reward differences between samples come from x_T, which no step's log-probability explains: "

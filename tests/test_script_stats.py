@@ -120,6 +120,10 @@ def test_noise_share_splits_the_variance_by_hand():
     assert split["between"].item() == pytest.approx(2.25)
     assert split["within"].item() == pytest.approx(0.5)
     assert (split["between"] + split["within"]).item() == pytest.approx(split["total"].item())
+    assert split["between_share"].item() == pytest.approx(2.25 / 2.75)
+    assert split["within_share"].item() == pytest.approx(0.5 / 2.75)
+    # a prompt whose score never varies has no share (NaN), not 0/0 noise or a made-up 0
+    assert variance_split(torch.ones(1, 2, 2))["within_share"].isnan().all()
     # best of each row's continuations minus its mean: (3 - 2 + 5 - 5) / 2; best first continuation: 5 - 3
     assert split["room_steps"].item() == pytest.approx(0.5)
     assert split["room_noises"].item() == pytest.approx(2.0)
@@ -169,3 +173,23 @@ def test_final_scores_read_a_longer_run_as_it_stood_at_an_epoch(tmp_path):
     assert at5["minutes"] == pytest.approx(5.0) and last["minutes"] == pytest.approx(10.0)
     with pytest.raises(SystemExit, match="no evaluation at epoch 7"):
         final_scores(tmp_path, 7)
+
+
+def test_score_scale_matches_the_ddim_step_by_hand():
+    from diffusers import DDIMScheduler
+    from gradient_snr import score_scale
+
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, steps_offset=1,
+                              set_alpha_to_one=False)
+    scheduler.set_timesteps(10)
+    timesteps = scheduler.timesteps.tolist()
+    scales = score_scale(scheduler, timesteps, 1.0)
+    # by hand, epsilon prediction: mean = sqrt(a_prev) (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - s^2)
+    # eps, s^2 = (1 - a_prev) / (1 - a_t) (1 - a_t / a_prev); the last step's a_prev is alphas_cumprod[0]
+    alphas = scheduler.alphas_cumprod.double()
+    for t, scale in zip(timesteps, scales):
+        a_t, a_prev = alphas[t], alphas[t - 100] if t >= 100 else alphas[0]
+        s = ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+        d_mean = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - s**2).sqrt()
+        assert scale == pytest.approx(float(d_mean.abs() / s), rel=1e-6)
+    assert scales[timesteps.index(101)] == pytest.approx(8.32, abs=0.01)  # the 10-step schedule's last large jump

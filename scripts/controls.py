@@ -58,6 +58,11 @@ SETTINGS = {
     "full-lr5e-5-sde08": ["lora_rank=null", "train.optim.lr=5e-5", "train.sampling.sde_window=[0,8]"],
     # ... which collapses at lr 5e-5: Adam's steps no longer go mostly to step 8's noise; a 5x smaller step
     "full-lr1e-5-sde08": ["lora_rank=null", "train.optim.lr=1e-5", "train.sampling.sde_window=[0,8]"],
+    # claim 4's drift at beta 10 (reproduce-prdp-10x): beta scales PRDP's targets dr/beta, and Adam undoes a gradient's
+    # scale except through eps; eps 1e-3 shrinks the steps of coordinates whose gradients are below ~1e-3
+    "lora8-lr5e-4-beta10": ["lora_rank=8", "train.optim.lr=5e-4", "train.prdp.beta=10"],
+    "lora8-lr5e-4-beta10-eps1e-3": ["lora_rank=8", "train.optim.lr=5e-4", "train.prdp.beta=10",
+                                    "train.optim.eps=1e-3"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL", ".3g")]

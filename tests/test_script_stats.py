@@ -193,3 +193,18 @@ def test_score_scale_matches_the_ddim_step_by_hand():
         d_mean = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - s**2).sqrt()
         assert scale == pytest.approx(float(d_mean.abs() / s), rel=1e-6)
     assert scales[timesteps.index(101)] == pytest.approx(8.32, abs=0.01)  # the 10-step schedule's last large jump
+
+
+def test_every_control_arm_is_a_valid_finetune_config():
+    # an arm's overrides are only parsed when its run starts, hours into a study: a typo must fail here instead
+    from controls import CONTROLS, PRESET, SETTINGS, arms
+    from runs import ROOT
+
+    from rewardtune.commands import load_preset
+
+    plan = arms(list(SETTINGS), list(CONTROLS), PRESET)
+    assert len(plan) == len(SETTINGS) * len(CONTROLS)
+    configs = {arm.name: load_preset(ROOT / arm.preset, ROOT / "configs", arm.overrides) for arm in plan}
+    eps = configs["lora8-lr5e-4-beta10-eps1e-3-proxy"].train
+    assert (eps.optim.eps, eps.prdp.beta) == (1e-3, 10)
+    assert configs["full-lr5e-5-oracle"].lora_rank is None

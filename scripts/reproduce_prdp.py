@@ -16,13 +16,16 @@ Claims (PRDP, Deng et al. CVPR 2024):
 
 Scores are the fixed evaluation of each run (``eval.jsonl``: the preset's evaluation prompts x seeds, and its
 held-out prompts), before (epoch 0) and after the last epoch; mean +- std over seeds, and per claim the difference
-of its two deciding arms paired by seed (mean +- sd, two-sided paired t-test). ``--existing`` tabulates the claims
-whose runs have all finished and starts none (a long study written part by part).
+of its two deciding arms paired by seed (mean +- sd, two-sided paired t-test). A claim whose rule holds in the
+seed means is reproduced only if those paired differences are significant (p < 0.05); else it is within noise.
+``--existing`` tabulates the claims whose runs have all finished and starts none (a long study written part by
+part).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 from pathlib import Path
 
@@ -35,6 +38,7 @@ from runs import (
     final_scores,
     finished,
     paired_difference,
+    paired_test,
     read_jsonl,
     run_all,
     shown,
@@ -87,26 +91,49 @@ def mean(values: list[float]) -> float:
     return statistics.mean(values)
 
 
+# The columns on which each claim's rule compares its two deciding arms (deciding_pair): a rule that holds in the
+# seed means counts as reproduced only if every one of these seed-paired differences is significant.
+RULE_KEYS = {1: ("d_eval_reward", "d_eval_gold"), 2: ("d_eval_gold",), 3: ("d_eval_gold", "min_gold"),
+             4: ("d_eval_reward", "d_heldout_gold")}
+ALPHA = 0.05
+
+
+def word(claim: int, ok: bool, betas: list[float], results: dict[str, list[dict]]) -> str:
+    """``Reproduced`` (rule holds in the seed means and every paired difference it compares has p < ALPHA),
+    ``Within noise`` (holds in the means only; the largest p named) or ``Not reproduced``."""
+    if not ok:
+        return "Not reproduced"
+    a, b, _ = deciding_pair(claim, betas)
+    ps = [paired_test([r[k] for r in results[a]], [r[k] for r in results[b]])[2] for k in RULE_KEYS[claim]]
+    if any(math.isnan(p) for p in ps):
+        return "Holds in one seed (untested)"
+    worst = max(ps)
+    if worst < ALPHA:
+        return "Reproduced"
+    return f"Within noise (the rule holds in the seed means, but its paired difference has p = {worst:.2f})"
+
+
 def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, str]:
-    """One sentence per claim, computed from the seed means (the rule is stated in the sentence)."""
+    """One sentence per claim: its rule on the seed means (stated in the sentence), then the seed-paired test of
+    the arms it compares (:func:`word`)."""
     m = {name: {k: mean([r[k] for r in rows]) for k in rows[0]} for name, rows in results.items()}
     out = {}
     if {"prdp_small", "ddpo_small"} <= set(m):
         p, d = m["prdp_small"], m["ddpo_small"]
         ok = p["d_eval_reward"] >= d["d_eval_reward"] and p["d_eval_gold"] >= d["d_eval_gold"]
-        out[1] = (f"{'Reproduced' if ok else 'Not reproduced'}: PRDP Δproxy {p['d_eval_reward']:+.3f} vs DDPO "
+        out[1] = (f"{word(1, ok, betas, results)}: PRDP Δproxy {p['d_eval_reward']:+.3f} vs DDPO "
                   f"{d['d_eval_reward']:+.3f}, Δgold {p['d_eval_gold']:+.3f} vs {d['d_eval_gold']:+.3f} "
-                  "(rule: PRDP >= DDPO on both, seed means).")
+                  "(rule: PRDP >= DDPO on both).")
     if {"prdp_large", "ddpo_large"} <= set(m):
         p, d = m["prdp_large"], m["ddpo_large"]
         ok = p["d_heldout_gold"] > 0 and p["d_eval_gold"] > 0 and d["d_eval_gold"] < p["d_eval_gold"]
-        out[2] = (f"{'Reproduced' if ok else 'Not reproduced'}: PRDP Δgold {p['d_eval_gold']:+.3f} (held-out "
+        out[2] = (f"{word(2, ok, betas, results)}: PRDP Δgold {p['d_eval_gold']:+.3f} (held-out "
                   f"{p['d_heldout_gold']:+.3f}) vs DDPO {d['d_eval_gold']:+.3f} (held-out {d['d_heldout_gold']:+.3f}) "
                   "(rule: PRDP's gold rises on train and held-out prompts and DDPO's rises less).")
     if {"prdp_small", "prdp_small_noclip"} <= set(m):
         c, n = m["prdp_small"], m["prdp_small_noclip"]
         ok = n["min_gold"] < c["min_gold"] and n["d_eval_gold"] < c["d_eval_gold"]
-        out[3] = (f"{'Reproduced' if ok else 'Not reproduced'}: without clipping Δgold {n['d_eval_gold']:+.3f} "
+        out[3] = (f"{word(3, ok, betas, results)}: without clipping Δgold {n['d_eval_gold']:+.3f} "
                   f"(worst {n['min_gold']:+.3f}) vs with clipping {c['d_eval_gold']:+.3f} "
                   f"(worst {c['min_gold']:+.3f}) (rule: no-clip ends lower and dips lower).")
     names = [beta_arm(b).name for b in sorted(betas)]
@@ -114,7 +141,7 @@ def verdicts(results: dict[str, list[dict]], betas: list[float]) -> dict[int, st
         proxy = [m[n]["d_eval_reward"] for n in names]
         gold = [m[n]["d_heldout_gold"] for n in names]
         ok = proxy[0] > proxy[-1] and gold[0] < gold[-1]
-        out[4] = (f"{'Reproduced' if ok else 'Not reproduced'}: β {', '.join(f'{b:g}' for b in sorted(betas))} -> "
+        out[4] = (f"{word(4, ok, betas, results)}: β {', '.join(f'{b:g}' for b in sorted(betas))} -> "
                   f"Δproxy {', '.join(f'{v:+.3f}' for v in proxy)}, Δheld-out gold "
                   f"{', '.join(f'{v:+.3f}' for v in gold)} (rule: the smallest β gains more proxy and less "
                   "held-out gold than the largest).")

@@ -150,14 +150,23 @@ def student_t_p_value(t: float, df: int, intervals: int = 4000) -> float:
     return max(0.0, 1.0 - 2.0 * half)
 
 
-def paired_difference(a: list[float], b: list[float]) -> str:
-    """``mean ± sd of a_i - b_i (p = two-sided paired t-test)`` over seeds i."""
+def paired_test(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """``(mean, sd, p)`` of the differences ``a_i - b_i`` over seeds i, p from the two-sided paired t-test (NaN sd
+    and p with fewer than 2 seeds)."""
     diffs = [x - y for x, y in zip(a, b)]
     if len(diffs) < 2:
-        return f"{diffs[0]:+.3f}" if diffs else "–"
+        return (diffs[0] if diffs else math.nan), math.nan, math.nan
     mean, sd = statistics.mean(diffs), statistics.stdev(diffs)
     t = mean / (sd / math.sqrt(len(diffs))) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return f"{mean:+.3f} ± {sd:.3f} (p = {student_t_p_value(t, len(diffs) - 1):.2f})"
+    return mean, sd, student_t_p_value(t, len(diffs) - 1)
+
+
+def paired_difference(a: list[float], b: list[float]) -> str:
+    """``mean ± sd of a_i - b_i (p = two-sided paired t-test)`` over seeds i."""
+    mean, sd, p = paired_test(a, b)
+    if math.isnan(sd):
+        return "–" if math.isnan(mean) else f"{mean:+.3f}"
+    return f"{mean:+.3f} ± {sd:.3f} (p = {p:.2f})"
 
 
 DELTA_COLUMNS = [("d_eval_reward", "Δ training reward (eval prompts)"), ("d_eval_gold", "Δ gold (eval prompts)"),

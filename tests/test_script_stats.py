@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import sys
 from pathlib import Path
 
@@ -208,3 +209,20 @@ def test_every_control_arm_is_a_valid_finetune_config():
     eps = configs["lora8-lr5e-4-beta10-eps1e-3-proxy"].train
     assert (eps.optim.eps, eps.prdp.beta) == (1e-3, 10)
     assert configs["full-lr5e-5-oracle"].lora_rank is None
+
+
+def test_a_claim_holding_only_in_seed_means_is_reported_within_noise():
+    from reproduce_prdp import verdicts
+
+    rows = lambda *gold: [{"d_eval_reward": 0.0, "d_eval_gold": g, "d_heldout_gold": 0.01} for g in gold]  # noqa: E731
+    # claim 2's rule holds in the means (0.016 > 0.015 > 0) but the paired differences +0.1, -0.1, +0.003 are noise
+    noisy = verdicts({"prdp_large": rows(0.1, -0.05, 0.0), "ddpo_large": rows(0.0, 0.05, -0.003)}, [1.0])[2]
+    p = student_t_p_value((0.003 / 3) / (statistics.stdev([0.1, -0.1, 0.003]) / math.sqrt(3)), 2)
+    assert noisy.startswith("Within noise (the rule holds in the seed means, but its paired difference has "
+                            f"p = {p:.2f})")
+    clear = verdicts({"prdp_large": rows(0.10, 0.11, 0.12), "ddpo_large": rows(0.0, 0.0, 0.01)}, [1.0])[2]
+    assert clear.startswith("Reproduced: PRDP Δgold +0.110")
+    failed = verdicts({"prdp_large": rows(0.0, 0.0, 0.01), "ddpo_large": rows(0.10, 0.11, 0.12)}, [1.0])[2]
+    assert failed.startswith("Not reproduced")
+    one = verdicts({"prdp_large": rows(0.1), "ddpo_large": rows(0.0)}, [1.0])[2]
+    assert one.startswith("Holds in one seed (untested)")

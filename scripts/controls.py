@@ -63,6 +63,8 @@ SETTINGS = {
     "lora8-lr5e-4-beta10": ["lora_rank=8", "train.optim.lr=5e-4", "train.prdp.beta=10"],
     "lora8-lr5e-4-beta10-eps1e-3": ["lora_rank=8", "train.optim.lr=5e-4", "train.prdp.beta=10",
                                     "train.optim.eps=1e-3"],
+    # ... which also cuts the per-epoch KL ~20x from epoch 1: is it just a smaller step? lr / 10 at the default eps
+    "lora8-lr5e-5-beta10": ["lora_rank=8", "train.optim.lr=5e-5", "train.prdp.beta=10"],
 }
 COLUMNS = [("d_eval_gold", "Δ gold (eval prompts)"), ("d_heldout_gold", "Δ gold (held-out)"),
            ("min_gold", "worst Δ gold"), ("d_eval_reward", "Δ training reward (eval)"), ("kl", "summed KL", ".3g")]
